@@ -1,0 +1,358 @@
+"""Generic query/key/value soft addressing: scores, masks, the fused fast path.
+
+Attention as soft addressing (seed 004; Luong et al. 2015, arXiv:1508.04025; Graves 2014,
+arXiv:1410.5401): a query is compared with every key, the similarities are normalised by a softmax,
+and the values are summed with those weights::
+
+    a_ij = softmax_j( score(q_i, k_j) * scale ),     out_i = sum_j a_ij v_j
+
+Scores (``score=``):
+
+========== ================================== ============================================
+name       score(q, k)                        parameters (given by the caller)
+========== ================================== ============================================
+dot        q . k                              none
+scaled_dot q . k / sqrt(d_k)                  none (Vaswani et al. 2017)
+cosine     q . k / (|q| |k|)                  none (scale acts as an inverse temperature)
+general    q^T W k                            ``w``: (D_q, D_k) (Luong "general")
+additive   v_a^T tanh(W_q q + W_k k + b_a)    ``w_q``: (A, D_q), ``w_k``: (A, D_k), ``v_a``: (A,),
+                                              optional ``b_a``: (A,) (Bahdanau)
+concat     v_a^T tanh(W_a [q; k] + b_a)       ``w``: (A, D_q + D_k), ``v_a``: (A,), optional
+                                              ``b_a`` (Luong "concat")
+========== ================================== ============================================
+
+``dot``, ``scaled_dot``, ``cosine`` and ``general`` are bilinear in (q, k), so when the weights are
+not requested they run through :func:`torch.nn.functional.scaled_dot_product_attention`, which
+never materialises the N_q x N_k matrix (the flash kernel on CPU and GPU). ``additive`` and
+``concat`` need the (N_q, N_k, A) tensor of their MLP and always take the explicit path.
+
+Masks have one polarity everywhere: a boolean ``mask`` is True where a query may attend; a floating
+mask is added to the logits. A query whose every key is masked gets a zero output and zero
+gradients (never NaN) on both paths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnzoo._checks import check_mask
+
+__all__ = [
+    "SCORES",
+    "Score",
+    "and_masks",
+    "attend",
+    "attention_logits",
+    "attention_weights",
+    "causal_mask",
+    "key_padding_to_mask",
+    "merge_masks",
+]
+
+Score = Literal["dot", "scaled_dot", "cosine", "general", "additive", "concat"]
+SCORES: tuple[str, ...] = ("dot", "scaled_dot", "cosine", "general", "additive", "concat")
+#: Scores that are bilinear in (q, k) and so can run through the fused kernel.
+FUSABLE_SCORES: tuple[str, ...] = ("dot", "scaled_dot", "cosine", "general")
+
+
+def causal_mask(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean (n_q, n_k) mask, True where query i may attend to key j.
+
+    The queries are aligned with the END of the keys (bottom-right): query i sits at position
+    ``n_k - n_q + i`` and sees keys ``0 .. n_k - n_q + i``. For n_q == n_k this is the usual lower
+    triangle; for one query against a cache of n_k keys it sees all of them, as incremental decoding
+    needs. (``torch``'s ``is_causal`` aligns top-left instead; the two agree when n_q == n_k.)
+    """
+    q_pos = torch.arange(n_q, device=device).unsqueeze(-1) + (n_k - n_q)
+    k_pos = torch.arange(n_k, device=device)
+    return k_pos <= q_pos
+
+
+def and_masks(mask: Tensor | None, allowed: Tensor | None) -> Tensor | None:
+    """Restrict ``mask`` (bool or additive, or None) to where the bool ``allowed`` is True."""
+    if allowed is None:
+        return mask
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def key_padding_to_mask(key_mask: Tensor, batch: int, n_k: int) -> Tensor:
+    """Check a (B, N_k) bool key mask (True = real key) and return it as (B, 1, N_k)."""
+    check_mask(key_mask, "key_mask", (batch, n_k))
+    if key_mask.dtype != torch.bool or key_mask.dim() != 2:
+        raise TypeError(
+            f"key_mask: expected a (B, N_k) bool mask (True = real key), got "
+            f"{key_mask.dtype} of shape {tuple(key_mask.shape)}"
+        )
+    return key_mask.unsqueeze(1)  # (B, N_k) -> (B, 1, N_k): the same for every query
+
+
+def merge_masks(mask: Tensor | None, causal: bool, n_q: int, n_k: int) -> Tensor | None:
+    """Combine a user mask (bool or additive) with a causal mask into one mask, or None."""
+    if not causal:
+        return mask
+    device = mask.device if mask is not None else None
+    return and_masks(mask, causal_mask(n_q, n_k, device=device))
+
+
+def _default_scale(score: str, d_k: int, scale: float | None) -> float:
+    if scale is not None:
+        return scale
+    return 1.0 / math.sqrt(d_k) if score == "scaled_dot" else 1.0
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None, score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(
+                f"{name}: expected (..., N, D) with at least 2 dims, got {tuple(t.shape)}"
+            )
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"q, k, v: expected one dtype, got {dtypes}")
+    if v is not None and k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k, v: expected the same number of keys and values, got k {tuple(k.shape)} "
+            f"and v {tuple(v.shape)}"
+        )
+    if score in ("dot", "scaled_dot", "cosine") and q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q, k: score {score!r} needs equal query and key widths, got {q.shape[-1]} and "
+            f"{k.shape[-1]} (use score='general' to compare different widths)"
+        )
+
+
+def _require(name: str, value: Tensor | None, score: str, shape: tuple[int, ...]) -> Tensor:
+    if value is None:
+        raise ValueError(f"{name}: score {score!r} needs a {name} of shape {shape}, got None")
+    if tuple(value.shape) != shape:
+        raise ValueError(
+            f"{name}: score {score!r} expected shape {shape}, got {tuple(value.shape)}"
+        )
+    return value
+
+
+def _bilinear_query(q: Tensor, k: Tensor, score: str, w: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Rewrite a bilinear score as a plain dot product: returns (q', k') with score = q' . k'."""
+    if score == "cosine":
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if score == "general":
+        w = _require("w", w, score, (q.shape[-1], k.shape[-1]))
+        return q @ w, k  # (..., N_q, D_q) @ (D_q, D_k) -> (..., N_q, D_k)
+    return q, k
+
+
+def _as_4d(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lead: torch.Size
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Give q, k, v exactly two leading dims, as the fused kernels and ONNX's lowering expect.
+
+    Fewer than two leading dims are padded with size-1 dims in front (masks broadcast from the
+    right, so they need no change); more are folded into the first, after broadcasting.
+    """
+    if len(lead) <= 2:
+        return (*(t.reshape(*([1] * (4 - t.dim())), *t.shape) for t in (q, k, v)), mask)
+    folded = (-1, lead[-1])
+    # (..., H, N, D) -> (prod(...), H, N, D) once every operand has the full leading shape
+    q4, k4, v4 = (t.expand(*lead, *t.shape[-2:]).reshape(*folded, *t.shape[-2:]) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.expand(*lead, q.shape[-2], k.shape[-2]).reshape(
+            *folded, q.shape[-2], k.shape[-2]
+        )
+    return q4, k4, v4, mask
+
+
+def attention_logits(
+    q: Tensor,
+    k: Tensor,
+    *,
+    score: Score = "scaled_dot",
+    scale: float | None = None,
+    w: Tensor | None = None,
+    w_q: Tensor | None = None,
+    w_k: Tensor | None = None,
+    v_a: Tensor | None = None,
+    b_a: Tensor | None = None,
+) -> Tensor:
+    """Unnormalised scores ``score(q_i, k_j) * scale``, shape (..., N_q, N_k).
+
+    Args:
+        q: queries (..., N_q, D_q).
+        k: keys (..., N_k, D_k).
+        score: one of :data:`SCORES` (see the module docstring for the equations).
+        scale: multiplies the score; default 1/sqrt(D_k) for ``scaled_dot``, 1 otherwise.
+        w, w_q, w_k, v_a, b_a: the score's parameters, as listed in the module docstring.
+    """
+    _check_qkv(q, k, None, score)
+    scale = _default_scale(score, k.shape[-1], scale)
+    if score in FUSABLE_SCORES:
+        q, k = _bilinear_query(q, k, score, w)
+        return (q @ k.transpose(-2, -1)) * scale  # (..., N_q, N_k)
+    d_q, d_k = q.shape[-1], k.shape[-1]
+    if score == "concat":
+        # W_a [q; k] = W_a[:, :D_q] q + W_a[:, D_q:] k: the concat score is additive with W_a split.
+        if w is None:
+            raise ValueError(f"w: score 'concat' needs a w of shape (A, {d_q + d_k}), got None")
+        if w.dim() != 2 or w.shape[1] != d_q + d_k:
+            raise ValueError(
+                f"w: score 'concat' expected shape (A, {d_q + d_k}), got {tuple(w.shape)}"
+            )
+        w_q, w_k = w[:, :d_q], w[:, d_q:]
+    attn_dim = (w_q.shape[0] if w_q is not None else None) or (
+        v_a.shape[0] if v_a is not None else 0
+    )
+    w_q = _require("w_q", w_q, score, (attn_dim, d_q))
+    w_k = _require("w_k", w_k, score, (attn_dim, d_k))
+    v_a = _require("v_a", v_a, score, (attn_dim,))
+    query_part = F.linear(q, w_q, b_a)  # (..., N_q, A)
+    key_part = F.linear(k, w_k)  # (..., N_k, A)
+    # (..., N_q, 1, A) + (..., 1, N_k, A) -> (..., N_q, N_k, A): the MLP needs every pair.
+    hidden = torch.tanh(query_part.unsqueeze(-2) + key_part.unsqueeze(-3))
+    return (hidden @ v_a) * scale  # (..., N_q, N_k)
+
+
+def _softmax_with_empty_rows(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax over the last dim where masked entries get 0 and fully masked rows are all 0.
+
+    A fully masked row would be softmax(-inf, ..., -inf) = NaN, and NaN leaks into every gradient
+    even through a later ``where``; so such rows are made finite before the softmax and zeroed
+    after it, which gives zero outputs and zero gradients.
+    """
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask
+    compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else None
+    if mask is None:
+        return torch.softmax(logits, dim=-1, dtype=compute_dtype)
+    empty_row = torch.isneginf(logits.amax(dim=-1, keepdim=True))  # (..., N_q, 1)
+    logits = logits.masked_fill(empty_row, 0.0)
+    weights = torch.softmax(logits, dim=-1, dtype=compute_dtype)
+    return weights.masked_fill(empty_row, 0.0)
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    score: Score = "scaled_dot",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    w: Tensor | None = None,
+    w_q: Tensor | None = None,
+    w_k: Tensor | None = None,
+    v_a: Tensor | None = None,
+    b_a: Tensor | None = None,
+) -> Tensor:
+    """The attention weights softmax_j(score(q_i, k_j) * scale) after masking, (..., N_q, N_k).
+
+    Kept separate from :func:`attend` for introspection. Computed in float32 for half-precision
+    inputs; returned in that precision (float32), so small weights are not rounded away.
+    """
+    logits = attention_logits(
+        q, k, score=score, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a
+    )
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        check_mask(mask, "mask", logits.shape)
+    return _softmax_with_empty_rows(logits, merge_masks(mask, causal, n_q, n_k))
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    score: Score = "scaled_dot",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+    w: Tensor | None = None,
+    w_q: Tensor | None = None,
+    w_k: Tensor | None = None,
+    v_a: Tensor | None = None,
+    b_a: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Soft addressing: ``out_i = sum_j softmax_j(score(q_i, k_j) * scale) v_j``.
+
+    Args:
+        q: queries (..., N_q, D_q).
+        k: keys (..., N_k, D_k).
+        v: values (..., N_k, D_v).
+        score: one of ``dot``, ``scaled_dot``, ``cosine``, ``general``, ``additive``, ``concat``.
+        mask: bool (True = may attend) or additive float, broadcastable to (..., N_q, N_k).
+        causal: query i may only attend to keys at or before its position; queries are aligned
+            with the end of the keys (see :func:`causal_mask`).
+        dropout_p: dropout on the attention weights; the caller passes 0.0 in eval mode.
+        scale: multiplies the score; default 1/sqrt(D_k) for ``scaled_dot``, 1 otherwise.
+        return_weights: also return the weights (before dropout). Forces the explicit path.
+        w, w_q, w_k, v_a, b_a: the score's parameters (module docstring).
+
+    Returns:
+        ``out`` (..., N_q, D_v), or ``(out, weights)`` with weights (..., N_q, N_k).
+
+    Shape:
+        Leading dims of q, k, v (batch, heads, ...) must be equal or broadcast.
+    """
+    _check_qkv(q, k, v, score)
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        check_mask(mask, "mask", (*lead, n_q, n_k))
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+
+    if score in FUSABLE_SCORES and not return_weights:
+        q, k = _bilinear_query(q, k, score, w)
+        # The fused kernels need a unit stride in the last dim; views of NCHW maps or transposed
+        # features lack it, and SDPA then silently takes its quadratic-memory math path.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        fused_scale = _default_scale(score, q.shape[-1], scale)
+        mask = merge_masks(mask, causal, n_q, n_k)
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q4, k4, v4, mask4 = _as_4d(q, k, v, mask, lead)
+        if causal and mask is None and n_q == n_k:
+            out = F.scaled_dot_product_attention(
+                q4, k4, v4, dropout_p=dropout_p, is_causal=True, scale=fused_scale
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=fused_scale
+            )
+        return out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D_v) -> (..., N_q, D_v)
+
+    weights = attention_weights(
+        q,
+        k,
+        score=score,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        w=w,
+        w_q=w_q,
+        w_k=w_k,
+        v_a=v_a,
+        b_a=b_a,
+    )
+    dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    out = dropped.to(v.dtype) @ v  # (..., N_q, N_k) @ (..., N_k, D_v) -> (..., N_q, D_v)
+    return (out, weights) if return_weights else out

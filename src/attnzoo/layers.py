@@ -1,0 +1,92 @@
+"""Small building blocks shared by the mechanisms: width rounding and injectable layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+from torch import nn
+
+__all__ = ["LayerSpec", "create_layer", "make_divisible", "reduced_width"]
+
+#: An activation or gate given by name (``"relu"``), by class (``nn.ReLU``) or as a factory.
+LayerSpec = Union[str, type[nn.Module], Callable[[], nn.Module], None]
+
+_LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "mish": nn.Mish,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "hard_sigmoid": nn.Hardsigmoid,
+    "hard_swish": nn.Hardswish,
+    "identity": nn.Identity,
+}
+
+
+def create_layer(spec: LayerSpec, *, argument: str = "layer") -> nn.Module:
+    """Instantiate an activation/gate from a name, a class or a zero-argument factory.
+
+    None gives ``nn.Identity``.
+
+    Raises:
+        ValueError: unknown name (the known ones are listed).
+    """
+    if spec is None:
+        return nn.Identity()
+    if isinstance(spec, str):
+        key = spec.lower()
+        if key not in _LAYERS:
+            raise ValueError(
+                f"{argument}: unknown layer {spec!r}; expected one of {sorted(_LAYERS)}"
+            )
+        return _LAYERS[key]()
+    layer = spec()
+    if not isinstance(layer, nn.Module):
+        raise TypeError(
+            f"{argument}: the factory returned {type(layer).__name__}, not an nn.Module"
+        )
+    return layer
+
+
+def make_divisible(
+    value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9
+) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor``, never below ``min_value``.
+
+    As in timm and the MobileNet reference code: rounding never removes more than
+    ``1 - round_limit`` of the value (it goes one divisor up instead).
+    """
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < round_limit * value:
+        rounded += divisor
+    return rounded
+
+
+def reduced_width(
+    channels: int,
+    rd_ratio: float,
+    rd_channels: int | None = None,
+    rd_divisor: int = 1,
+) -> int:
+    """The bottleneck width of a reduction MLP: ``rd_channels`` if given, else rounded ``C*rd_ratio``.
+
+    Never returns 0: a 4-channel input with ``rd_ratio=1/16`` gets a width-1 bottleneck, where a
+    bare ``channels // 16`` would build a layer with no units.
+    """
+    if rd_channels is not None:
+        if rd_channels < 1:
+            raise ValueError(f"rd_channels: expected a positive width, got {rd_channels}")
+        return rd_channels
+    if not 0 < rd_ratio <= 1:
+        raise ValueError(f"rd_ratio: expected a ratio in (0, 1], got {rd_ratio}")
+    if rd_divisor == 1:
+        # floor, as the papers' code does (``channels // reduction``); the epsilon absorbs
+        # float error such as 100 * 0.29 = 28.999999999999996
+        return max(1, int(channels * rd_ratio + 1e-6))
+    return make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)

@@ -1,0 +1,1 @@
+"""Sequence attention: generic soft addressing, multi-head, seq2seq and transformer variants."""

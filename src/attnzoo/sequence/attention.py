@@ -1,0 +1,162 @@
+"""Generic attention: soft addressing with a choice of score, as a module.
+
+Seed 004 ("attention as soft addressing"); scores from Luong et al. 2015, "Effective Approaches to
+Attention-based Neural Machine Translation", https://arxiv.org/abs/1508.04025, and Bahdanau et al.
+2014, https://arxiv.org/abs/1409.0473.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from attnzoo._checks import check_input
+from attnzoo.functional.attend import SCORES, Score, and_masks, attend, key_padding_to_mask
+from attnzoo.registry import Paper, Sizes, example_sequence, register
+
+__all__ = ["Attention"]
+
+
+def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
+    # keys longer than queries so that a transposed (N_q, N_k) would fail the shape checks
+    return example_sequence(s), example_sequence(s, length=s.extent + 3, seed=1)
+
+
+@register(
+    "attention",
+    family="sequence",
+    paper=Paper("Effective Approaches to Attention-based Neural Machine Translation", "1508.04025"),
+    equation="out_i = sum_j softmax_j(score(q_i, k_j) * scale) v_j, score in "
+    "{dot, scaled_dot, cosine, general, additive, concat}",
+    make_kwargs=lambda s: {"query_dim": s.width},
+    make_inputs=_example_inputs,
+    supports_mask=True,
+    channel_dim=-1,
+    cost="time O(N_q N_k D); memory O((N_q + N_k) D) on the fused path (dot, scaled_dot, cosine, "
+    "general), O(N_q N_k A) for additive/concat",
+)
+class Attention(nn.Module):
+    """Soft addressing of values by keys, with the score of your choice and no projections.
+
+    ``out_i = sum_j a_ij v_j`` with ``a_ij = softmax_j(score(q_i, k_j) * scale)``; the scores and
+    their parameters are those of :mod:`attnzoo.functional.attend`: ``general`` owns W (D_q, D_k),
+    ``additive`` owns W_q (A, D_q), W_k (A, D_k), v_a (A,) and an optional bias, ``concat`` owns
+    W_a (A, D_q + D_k) and v_a (A,). The other scores have no parameters.
+
+    Args:
+        query_dim: D_q, the width of the queries.
+        key_dim: D_k, the width of the keys (default: D_q).
+        score: ``dot``, ``scaled_dot`` (default), ``cosine``, ``general``, ``additive``, ``concat``.
+        attn_dim: A, the hidden width of the additive/concat MLP (default: D_q).
+        bias: additive/concat MLP bias b_a (the papers write none; default False).
+        dropout: dropout on the attention weights in training.
+        scale: multiplies the score (default 1/sqrt(D_k) for scaled_dot, else 1).
+
+    Shape:
+        - query: (B, N_q, D_q), or (B, D_q) for one decoder step (the output then drops N_q).
+        - keys: (B, N_k, D_k); values: (B, N_k, D_v), default the keys.
+        - mask: bool (True = may attend) or additive, broadcastable to (B, N_q, N_k);
+          key_mask: (B, N_k) bool, True at real (not padded) keys.
+        - output: (B, N_q, D_v); attention (with ``return_attn``): (B, N_q, N_k).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        key_dim: int | None = None,
+        *,
+        score: Score = "scaled_dot",
+        attn_dim: int | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if score not in SCORES:
+            raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+        key_dim = key_dim or query_dim
+        if score in ("dot", "scaled_dot", "cosine") and key_dim != query_dim:
+            raise ValueError(
+                f"key_dim: score {score!r} needs key_dim == query_dim ({query_dim}), got {key_dim}"
+            )
+        self.query_dim, self.key_dim, self.score = query_dim, key_dim, score
+        self.attn_dim = attn_dim or query_dim
+        self.dropout, self.scale = dropout, scale
+        factory = {"device": device, "dtype": dtype}
+        self.w: nn.Parameter | None = None
+        self.w_q: nn.Parameter | None = None
+        self.w_k: nn.Parameter | None = None
+        self.v_a: nn.Parameter | None = None
+        self.b_a: nn.Parameter | None = None
+        if score == "general":
+            self.w = nn.Parameter(torch.empty(query_dim, key_dim, **factory))
+        elif score == "concat":
+            self.w = nn.Parameter(torch.empty(self.attn_dim, query_dim + key_dim, **factory))
+        elif score == "additive":
+            self.w_q = nn.Parameter(torch.empty(self.attn_dim, query_dim, **factory))
+            self.w_k = nn.Parameter(torch.empty(self.attn_dim, key_dim, **factory))
+        if score in ("additive", "concat"):
+            self.v_a = nn.Parameter(torch.empty(self.attn_dim, **factory))
+            if bias:
+                self.b_a = nn.Parameter(torch.empty(self.attn_dim, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.w, self.w_q, self.w_k):
+            if weight is not None:
+                nn.init.xavier_uniform_(weight)
+        if self.v_a is not None:
+            nn.init.uniform_(self.v_a, -1 / math.sqrt(self.attn_dim), 1 / math.sqrt(self.attn_dim))
+        if self.b_a is not None:
+            nn.init.zeros_(self.b_a)
+
+    def extra_repr(self) -> str:
+        return f"{self.query_dim}, {self.key_dim}, score={self.score!r}, attn_dim={self.attn_dim}"
+
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        causal: bool = False,
+        return_attn: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        check_input(query, "query", ("B D", "B N D"), D=self.query_dim)
+        check_input(keys, "keys", "B N D", B=query.shape[0], D=self.key_dim)
+        values = keys if values is None else values
+        check_input(values, "values", "B N D", B=query.shape[0], N=keys.shape[1])
+        single_step = query.dim() == 2
+        if single_step:
+            query = query.unsqueeze(1)  # (B, D_q) -> (B, 1, D_q)
+        if key_mask is not None:
+            mask = and_masks(mask, key_padding_to_mask(key_mask, keys.shape[0], keys.shape[1]))
+        result = attend(
+            query,
+            keys,
+            values,
+            score=self.score,
+            mask=mask,
+            causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
+            return_weights=return_attn,
+            w=self.w,
+            w_q=self.w_q,
+            w_k=self.w_k,
+            v_a=self.v_a,
+            b_a=self.b_a,
+        )
+        if not return_attn:
+            assert isinstance(result, Tensor)
+            return result.squeeze(1) if single_step else result
+        out, weights = result
+        if single_step:
+            return out.squeeze(1), weights.squeeze(1)
+        return out, weights

@@ -1,0 +1,1 @@
+"""Vision attention: channel and spatial gating, non-local family, attention as convolution."""

@@ -1,0 +1,234 @@
+"""CBAM: convolutional block attention module (channel, spatial, and both in sequence).
+
+Woo et al. 2018, "CBAM: Convolutional Block Attention Module", https://arxiv.org/abs/1807.06521.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnzoo._checks import check_input
+from attnzoo.layers import LayerSpec, create_layer, reduced_width
+from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.vision.squeeze_excite import SPATIAL_LAYOUTS, channel_descriptor
+
+__all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
+
+CBAM_PAPER = Paper("CBAM: Convolutional Block Attention Module", "1807.06521")
+Variant = Literal["paper", "official"]
+
+
+def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
+    return (example_image(s),)
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in ("paper", "official"):
+        raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+
+
+@register(
+    "cbam_channel",
+    family="gating",
+    paper=CBAM_PAPER,
+    equation="M_c(F) = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), one shared MLP C -> C/r -> C; "
+    "F' = M_c(F) * F",
+    make_kwargs=lambda s: {"channels": s.width},
+    make_inputs=_example_inputs,
+    cost="time O(B C HW + B C^2 / r); memory O(B C HW)",
+)
+class ChannelAttention(nn.Module):
+    """CBAM channel attention: one shared MLP over the average- and max-pooled descriptors.
+
+    ``M_c(F) = sigma(W1 delta(W0 F_avg) + W1 delta(W0 F_max))`` (paper eq. 2; W0: C -> C/r,
+    W1: C/r -> C, r = 16, ReLU delta, biases as in the official ``nn.Linear``), and the module
+    returns the gated features ``M_c(F) * F``, like its siblings (not the bare weights).
+
+    Args:
+        channels: C.
+        rd_ratio, rd_channels, rd_divisor: bottleneck width as in :class:`SqueezeExcite`.
+        act_layer, gate_layer: injectable activation and gate.
+        bias: MLP biases.
+
+    Shape:
+        - x: (B, C, L), (B, C, H, W) or (B, C, T, H, W); output: the same.
+        - attention (``return_attn``): M_c, (B, C, 1, ...).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1 / 16,
+        rd_channels: int | None = None,
+        rd_divisor: int = 1,
+        *,
+        act_layer: LayerSpec = "relu",
+        gate_layer: LayerSpec = "sigmoid",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"channels: expected a positive count, got {channels}")
+        self.channels = channels
+        width = reduced_width(channels, rd_ratio, rd_channels, rd_divisor)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(channels, width, bias=bias, **factory)
+        self.act = create_layer(act_layer, argument="act_layer")
+        self.fc2 = nn.Linear(width, channels, bias=bias, **factory)
+        self.gate = create_layer(gate_layer, argument="gate_layer")
+
+    def attention(self, x: Tensor) -> Tensor:
+        """M_c(x), shaped (B, C, 1, ...) to broadcast over x."""
+        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels)
+        # both descriptors through the same MLP in one batch: (2, B, C)
+        pooled = torch.stack([channel_descriptor(x, "avg"), channel_descriptor(x, "max")])
+        logits = self.fc2(self.act(self.fc1(pooled))).sum(dim=0)  # (B, C)
+        weights = self.gate(logits)
+        return weights.view(*weights.shape, *([1] * (x.dim() - 2)))  # (B, C) -> (B, C, 1, ...)
+
+    def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        weights = self.attention(x)
+        out = x * weights
+        return (out, weights) if return_attn else out
+
+
+@register(
+    "cbam_spatial",
+    family="gating",
+    paper=CBAM_PAPER,
+    equation="M_s(F) = sigmoid(conv7x7([AvgPool_c(F); MaxPool_c(F)])); F' = M_s(F) * F",
+    make_kwargs=lambda s: {"channels": s.width},
+    make_inputs=_example_inputs,
+    cost="time O(B C HW + B HW k^2); memory O(B C HW)",
+    notes="variant='official' adds BatchNorm after the conv (no conv bias) and pools [max; mean]",
+)
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention: a k x k conv over the channel-wise mean and max maps.
+
+    ``M_s(F) = sigma(f^{7x7}([AvgPool(F); MaxPool(F)]))`` (paper eq. 3), pooling across channels;
+    returns ``M_s(F) * F``.
+
+    Args:
+        channels: C, checked against the input when given (the layer itself is width-free).
+        kernel_size: k (paper: 7; CenterMask's SAG-Mask uses 3). Must be odd.
+        gate_layer: the gate (default sigmoid).
+        variant: ``"paper"`` (conv with bias, [avg; max]) or ``"official"`` (the authors' code:
+            conv without bias, then BatchNorm, and the pooled maps in the order [max; mean], so
+            its weights load here).
+
+    Shape:
+        - x: (B, C, H, W); output: the same; attention (``return_attn``): M_s, (B, 1, H, W).
+    """
+
+    def __init__(
+        self,
+        channels: int | None = None,
+        kernel_size: int = 7,
+        *,
+        gate_layer: LayerSpec = "sigmoid",
+        variant: Variant = "paper",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_variant(variant)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd positive size, got {kernel_size}")
+        self.channels, self.variant = channels, variant
+        factory = {"device": device, "dtype": dtype}
+        official = variant == "official"
+        self.conv = nn.Conv2d(
+            2, 1, kernel_size, padding=kernel_size // 2, bias=not official, **factory
+        )
+        # the official code's BasicConv uses BN(eps=1e-5, momentum=0.01)
+        self.norm = nn.BatchNorm2d(1, momentum=0.01, **factory) if official else nn.Identity()
+        self.gate = create_layer(gate_layer, argument="gate_layer")
+
+    def attention(self, x: Tensor) -> Tensor:
+        """M_s(x), (B, 1, H, W)."""
+        check_input(x, "x", "B C H W", C=self.channels)
+        mean_map = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        max_map = x.amax(dim=1, keepdim=True)  # (B, 1, H, W)
+        maps = [max_map, mean_map] if self.variant == "official" else [mean_map, max_map]
+        return self.gate(self.norm(self.conv(torch.cat(maps, dim=1))))
+
+    def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        weights = self.attention(x)
+        out = x * weights
+        return (out, weights) if return_attn else out
+
+
+@register(
+    "cbam",
+    family="gating",
+    paper=CBAM_PAPER,
+    equation="F' = M_c(F) * F; F'' = M_s(F') * F'",
+    make_kwargs=lambda s: {"channels": s.width},
+    make_inputs=_example_inputs,
+    cost="time O(B C HW + B C^2 / r + B HW k^2); memory O(B C HW)",
+    notes="variant='official' uses the official spatial branch (BN, [max; mean])",
+)
+class CBAM(nn.Module):
+    """CBAM: channel attention, then spatial attention on the channel-refined features.
+
+    ``F' = M_c(F) * F`` and ``F'' = M_s(F') * F'`` (paper eq. 1); the sequential channel-first
+    order is the paper's best arrangement (Table 3). On the residual branch of a ResNet block,
+    before the addition.
+
+    Args:
+        channels: C.
+        rd_ratio, rd_channels, rd_divisor: bottleneck of the channel MLP (r = 16).
+        kernel_size: spatial conv size (7).
+        act_layer, gate_layer: injectable activation and gate for both branches.
+        variant: ``"paper"`` or ``"official"`` (see :class:`SpatialAttention`).
+
+    Shape:
+        - x: (B, C, H, W); output: the same.
+        - attention (``return_attn``): ``{"channel": (B, C, 1, 1), "spatial": (B, 1, H, W)}``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1 / 16,
+        rd_channels: int | None = None,
+        rd_divisor: int = 1,
+        kernel_size: int = 7,
+        *,
+        act_layer: LayerSpec = "relu",
+        gate_layer: LayerSpec = "sigmoid",
+        variant: Variant = "paper",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.channel = ChannelAttention(
+            channels,
+            rd_ratio,
+            rd_channels,
+            rd_divisor,
+            act_layer=act_layer,
+            gate_layer=gate_layer,
+            **factory,
+        )
+        self.spatial = SpatialAttention(
+            channels, kernel_size, gate_layer=gate_layer, variant=variant, **factory
+        )
+
+    def forward(
+        self, x: Tensor, *, return_attn: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        check_input(x, "x", "B C H W", C=self.channel.channels)
+        channel_weights = self.channel.attention(x)
+        refined = x * channel_weights
+        spatial_weights = self.spatial.attention(refined)
+        out = refined * spatial_weights
+        if return_attn:
+            return out, {"channel": channel_weights, "spatial": spatial_weights}
+        return out
