@@ -39,8 +39,7 @@ def check_input(
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
-            f"{name}: expected a floating-point tensor (float16/bfloat16/float32/float64), "
-            f"got {x.dtype}"
+            f"{name}: expected a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}"
         )
     layouts = [layout] if isinstance(layout, str) else list(layout)
     matching = [lay for lay in layouts if len(lay.split()) == x.dim()]
@@ -71,8 +70,7 @@ def check_mask(mask: object, name: str, target: Sequence[int]) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
-            f"{name}: expected a bool mask (True = may attend) or a floating additive mask, "
-            f"got {mask.dtype}"
+            f"{name}: expected a bool mask (True = may attend) or a floating additive mask, got {mask.dtype}"
         )
     target = tuple(target)
     ok = mask.dim() <= len(target) and all(

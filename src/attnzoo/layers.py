@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 from torch import nn
 
 __all__ = ["LayerSpec", "create_layer", "make_divisible", "reduced_width"]
 
 #: An activation or gate given by name (``"relu"``), by class (``nn.ReLU``) or as a factory.
-LayerSpec = Union[str, type[nn.Module], Callable[[], nn.Module], None]
+LayerSpec = str | type[nn.Module] | Callable[[], nn.Module] | None
 
 _LAYERS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -41,15 +40,11 @@ def create_layer(spec: LayerSpec, *, argument: str = "layer") -> nn.Module:
     if isinstance(spec, str):
         key = spec.lower()
         if key not in _LAYERS:
-            raise ValueError(
-                f"{argument}: unknown layer {spec!r}; expected one of {sorted(_LAYERS)}"
-            )
+            raise ValueError(f"{argument}: unknown layer {spec!r}; expected one of {sorted(_LAYERS)}")
         return _LAYERS[key]()
     layer = spec()
     if not isinstance(layer, nn.Module):
-        raise TypeError(
-            f"{argument}: the factory returned {type(layer).__name__}, not an nn.Module"
-        )
+        raise TypeError(f"{argument}: the factory returned {type(layer).__name__}, not an nn.Module")
     return layer
 
 

@@ -225,9 +225,7 @@ def specs() -> Mapping[str, ModuleSpec]:
 
 def _randn(shape: tuple[int, ...], sizes: Sizes, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(
-        sizes.device, sizes.dtype
-    )
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(sizes.device, sizes.dtype)
 
 
 def example_sequence(

@@ -50,9 +50,7 @@ def perturb_parameters(module: nn.Module, seed: int = 0) -> None:
             p.add_(0.1 * noise.to(p.dtype))
 
 
-def build(
-    spec: ModuleSpec, seed: int = 0, **size_overrides
-) -> tuple[nn.Module, tuple[Tensor, ...]]:
+def build(spec: ModuleSpec, seed: int = 0, **size_overrides) -> tuple[nn.Module, tuple[Tensor, ...]]:
     torch.manual_seed(seed)
     sizes = spec.sizes(**size_overrides)
     module = spec.build(sizes)
@@ -270,9 +268,7 @@ def test_onnx_export_runs_in_onnxruntime(spec: ModuleSpec) -> None:
         dynamic = tuple({0: batch} for _ in inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, inputs, dynamo=True, dynamic_shapes=dynamic, verbose=False
-        )
+        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic, verbose=False)
     session = ort.InferenceSession(
         program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )

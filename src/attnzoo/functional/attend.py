@@ -119,9 +119,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None, score: str) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
         if t.dim() < 2:
-            raise ValueError(
-                f"{name}: expected (..., N, D) with at least 2 dims, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name}: expected (..., N, D) with at least 2 dims, got {tuple(t.shape)}")
     dtypes = {name: t.dtype for name, t in tensors.items()}
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"q, k, v: expected one dtype, got {dtypes}")
@@ -141,9 +139,7 @@ def _require(name: str, value: Tensor | None, score: str, shape: tuple[int, ...]
     if value is None:
         raise ValueError(f"{name}: score {score!r} needs a {name} of shape {shape}, got None")
     if tuple(value.shape) != shape:
-        raise ValueError(
-            f"{name}: score {score!r} expected shape {shape}, got {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name}: score {score!r} expected shape {shape}, got {tuple(value.shape)}")
     return value
 
 
@@ -171,9 +167,7 @@ def _as_4d(
     # (..., H, N, D) -> (prod(...), H, N, D) once every operand has the full leading shape
     q4, k4, v4 = (t.expand(*lead, *t.shape[-2:]).reshape(*folded, *t.shape[-2:]) for t in (q, k, v))
     if mask is not None:
-        mask = mask.expand(*lead, q.shape[-2], k.shape[-2]).reshape(
-            *folded, q.shape[-2], k.shape[-2]
-        )
+        mask = mask.expand(*lead, q.shape[-2], k.shape[-2]).reshape(*folded, q.shape[-2], k.shape[-2])
     return q4, k4, v4, mask
 
 
@@ -209,13 +203,9 @@ def attention_logits(
         if w is None:
             raise ValueError(f"w: score 'concat' needs a w of shape (A, {d_q + d_k}), got None")
         if w.dim() != 2 or w.shape[1] != d_q + d_k:
-            raise ValueError(
-                f"w: score 'concat' expected shape (A, {d_q + d_k}), got {tuple(w.shape)}"
-            )
+            raise ValueError(f"w: score 'concat' expected shape (A, {d_q + d_k}), got {tuple(w.shape)}")
         w_q, w_k = w[:, :d_q], w[:, d_q:]
-    attn_dim = (w_q.shape[0] if w_q is not None else None) or (
-        v_a.shape[0] if v_a is not None else 0
-    )
+    attn_dim = (w_q.shape[0] if w_q is not None else None) or (v_a.shape[0] if v_a is not None else 0)
     w_q = _require("w_q", w_q, score, (attn_dim, d_q))
     w_k = _require("w_k", w_k, score, (attn_dim, d_k))
     v_a = _require("v_a", v_a, score, (attn_dim,))
@@ -266,9 +256,7 @@ def attention_weights(
     Kept separate from :func:`attend` for introspection. Computed in float32 for half-precision
     inputs; returned in that precision (float32), so small weights are not rounded away.
     """
-    logits = attention_logits(
-        q, k, score=score, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a
-    )
+    logits = attention_logits(q, k, score=score, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a)
     n_q, n_k = q.shape[-2], k.shape[-2]
     if mask is not None:
         check_mask(mask, "mask", logits.shape)

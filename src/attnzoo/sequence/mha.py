@@ -112,13 +112,9 @@ class MultiheadAttention(nn.Module):
                 f"embed_dim, num_heads: expected positive sizes, got {embed_dim} and {num_heads}"
             )
         if embed_dim % num_heads:
-            raise ValueError(
-                f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}"
-            )
+            raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
         if not 0.0 <= dropout < 1.0 or not 0.0 <= out_dropout < 1.0:
-            raise ValueError(
-                f"dropout: expected probabilities in [0, 1), got {dropout}, {out_dropout}"
-            )
+            raise ValueError(f"dropout: expected probabilities in [0, 1), got {dropout}, {out_dropout}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
@@ -173,9 +169,7 @@ class MultiheadAttention(nn.Module):
             for proj, w in ((ours.q_proj, q_w), (ours.k_proj, k_w), (ours.v_proj, v_w)):
                 proj.weight.copy_(w)
             if module.in_proj_bias is not None:
-                for proj, b in zip(
-                    (ours.q_proj, ours.k_proj, ours.v_proj), module.in_proj_bias.split(e)
-                ):
+                for proj, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), module.in_proj_bias.split(e)):
                     proj.bias.copy_(b)
             ours.out_proj.weight.copy_(module.out_proj.weight)
             if module.out_proj.bias is not None:

@@ -142,9 +142,7 @@ class SpatialAttention(nn.Module):
         self.channels, self.variant = channels, variant
         factory = {"device": device, "dtype": dtype}
         official = variant == "official"
-        self.conv = nn.Conv2d(
-            2, 1, kernel_size, padding=kernel_size // 2, bias=not official, **factory
-        )
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not official, **factory)
         # the official code's BasicConv uses BN(eps=1e-5, momentum=0.01)
         self.norm = nn.BatchNorm2d(1, momentum=0.01, **factory) if official else nn.Identity()
         self.gate = create_layer(gate_layer, argument="gate_layer")
@@ -221,9 +219,7 @@ class CBAM(nn.Module):
             channels, kernel_size, gate_layer=gate_layer, variant=variant, **factory
         )
 
-    def forward(
-        self, x: Tensor, *, return_attn: bool = False
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         check_input(x, "x", "B C H W", C=self.channel.channels)
         channel_weights = self.channel.attention(x)
         refined = x * channel_weights
