@@ -1,0 +1,5 @@
+"""Measuring attention modules: latency, peak memory, FLOPs, and the `attnzoo bench` table."""
+
+from attnzoo.bench.measure import Timing, count_flops, peak_memory, time_call
+
+__all__ = ["Timing", "count_flops", "peak_memory", "time_call"]

@@ -1,0 +1,109 @@
+"""Latency, peak memory and FLOPs of a callable, measured the same way everywhere.
+
+Latency is the median of several repeats after warm-up (these machines are shared and noisy:
+compare ratios against a baseline measured in the same run, not absolute numbers across runs).
+
+Peak memory on CPU is the process's resident-set high-water mark during the call, minus the
+resident set before it: Linux resets the mark through ``/proc/self/clear_refs``, so the figure
+includes every temporary a kernel allocates, not only the tensors a profiler sees. On CUDA it is
+``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timing", "count_flops", "peak_memory", "time_call"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the spread of the repeats."""
+
+    median: float
+    low: float
+    high: float
+    repeats: int
+
+    @property
+    def ms(self) -> float:
+        return self.median * 1e3
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> Timing:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    if repeats < 1:
+        raise ValueError(f"repeats: expected at least 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def peak_memory(fn: Callable[[], object], *, device: torch.device | str | None = None) -> int:
+    """Extra bytes at the peak of ``fn()`` over what was in use before the call.
+
+    CPU: resident-set high-water mark (Linux only). CUDA: the caching allocator's peak.
+    The result of ``fn`` is dropped inside the measurement, so it counts toward the peak.
+    """
+    gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current resident set
+    except OSError as error:
+        raise RuntimeError("peak_memory on CPU needs Linux's /proc/self/clear_refs") from error
+    before = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - before) * 1024
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of ``fn()`` as counted by ``torch.utils.flop_counter``.
+
+    Counts matmuls, convolutions and attention kernels (a multiply-add is 2 FLOPs); elementwise
+    work is not counted, as in the papers' FLOP tables.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
