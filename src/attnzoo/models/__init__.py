@@ -1,0 +1,1 @@
+"""Networks built from attnzoo mechanisms: seq2seq, captioning, ResNets."""
