@@ -1,0 +1,7 @@
+"""`python -m attnzoo` runs the CLI."""
+
+import sys
+
+from attnzoo.cli import main
+
+sys.exit(main())

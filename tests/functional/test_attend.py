@@ -1,0 +1,234 @@
+"""The attention core against float64 references written from the scores' equations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnzoo.functional import attend, attention_logits, attention_weights, causal_mask
+
+torch.set_default_dtype(torch.float64)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op dispatched, with the shapes of its tensor outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]
+        self.calls.append((str(func), shapes))
+        return out
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def reference(q, k, v, score_fn, mask=None):
+    """Loop form of out_i = sum_j softmax_j(score(q_i, k_j)) v_j, with masked rows = 0."""
+    b, n_q, _ = q.shape
+    n_k = k.shape[1]
+    out = torch.zeros(b, n_q, v.shape[-1])
+    weights = torch.zeros(b, n_q, n_k)
+    for bi in range(b):
+        for i in range(n_q):
+            allowed = [j for j in range(n_k) if mask is None or bool(mask[bi, i, j])]
+            if not allowed:
+                continue
+            scores = torch.stack([score_fn(q[bi, i], k[bi, j]) for j in allowed])
+            a = torch.exp(scores - scores.max())
+            a = a / a.sum()
+            for a_j, j in zip(a, allowed):
+                weights[bi, i, j] = a_j
+                out[bi, i] += a_j * v[bi, j]
+    return out, weights
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 8, generator=g)
+    k = torch.randn(2, 7, 8, generator=g)
+    v = torch.randn(2, 7, 6, generator=g)
+    return q, k, v
+
+
+def score_cases(d_q: int, d_k: int):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(d_q, d_k, generator=g)
+    w_q, w_k, v_a, b_a = (torch.randn(s, generator=g) for s in ((4, d_q), (4, d_k), (4,), (4,)))
+    w_cat = torch.randn(4, d_q + d_k, generator=g)
+    return {
+        "dot": ({}, lambda qi, kj: qi @ kj),
+        "scaled_dot": ({}, lambda qi, kj: qi @ kj / math.sqrt(d_k)),
+        "cosine": ({}, lambda qi, kj: qi @ kj / (qi.norm() * kj.norm())),
+        "general": ({"w": w}, lambda qi, kj: qi @ w @ kj),
+        "additive": (
+            {"w_q": w_q, "w_k": w_k, "v_a": v_a, "b_a": b_a},
+            lambda qi, kj: v_a @ torch.tanh(w_q @ qi + w_k @ kj + b_a),
+        ),
+        "concat": ({"w": w_cat, "v_a": v_a}, lambda qi, kj: v_a @ torch.tanh(w_cat @ torch.cat([qi, kj]))),
+    }
+
+
+@pytest.mark.parametrize("score", ["dot", "scaled_dot", "cosine", "general", "additive", "concat"])
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_every_score_matches_loop_reference(qkv, score, return_weights):
+    q, k, v = qkv
+    params, score_fn = score_cases(8, 8)[score]
+    expected_out, expected_w = reference(q, k, v, score_fn)
+    result = attend(q, k, v, score=score, return_weights=return_weights, **params)
+    out = result[0] if return_weights else result
+    torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-10)
+    if return_weights:
+        torch.testing.assert_close(result[1], expected_w, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(result[1].sum(-1), torch.ones(2, 5))
+
+
+def test_general_and_additive_compare_different_widths():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 3, 5, generator=g), torch.randn(1, 4, 9, generator=g), torch.randn(1, 4, 2)
+    for score in ("general", "additive", "concat"):
+        params, score_fn = score_cases(5, 9)[score]
+        torch.testing.assert_close(attend(q, k, v, score=score, **params), reference(q, k, v, score_fn)[0])
+    with pytest.raises(ValueError, match="equal query and key widths"):
+        attend(q, k, v, score="dot")
+
+
+def test_masks_bool_and_additive_match_reference(qkv):
+    q, k, v = qkv
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 5, 7, generator=g) > 0.4
+    mask[:, :, 0] = True
+    expected, _ = reference(q, k, v, lambda a, b: a @ b / math.sqrt(8), mask)
+    additive = torch.zeros(2, 5, 7).masked_fill(~mask, float("-inf"))
+    for m in (mask, additive):
+        torch.testing.assert_close(attend(q, k, v, mask=m), expected)
+        torch.testing.assert_close(attend(q, k, v, mask=m, return_weights=True)[0], expected)
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_rows_give_zero_output_and_zero_gradients(qkv, return_weights, kind):
+    q, k, v = (t.clone().requires_grad_() for t in qkv)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[2] = False
+    if kind == "additive":
+        mask = torch.zeros(5, 7).masked_fill(~mask, float("-inf"))
+    result = attend(q, k, v, mask=mask, return_weights=return_weights)
+    out = result[0] if return_weights else result
+    assert torch.equal(out[:, 2], torch.zeros(2, 6))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, 2], torch.zeros(2, 8))
+    if return_weights:
+        assert torch.equal(result[1][:, 2], torch.zeros(2, 7))
+
+
+def test_causal_is_bottom_right_aligned(qkv):
+    q, k, v = qkv
+    full = causal_mask(7, 7)
+    assert torch.equal(full, torch.ones(7, 7, dtype=torch.bool).tril())
+    last_two = causal_mask(2, 7)  # the last two of seven positions
+    assert torch.equal(last_two, full[-2:])
+    expected, _ = reference(q, k, v, lambda a, b: a @ b / math.sqrt(8), causal_mask(5, 7).expand(2, 5, 7))
+    for rw in (False, True):
+        out = attend(q, k, v, causal=True, return_weights=rw)
+        torch.testing.assert_close(out[0] if rw else out, expected)
+
+
+def test_large_logits_stay_finite():
+    q = torch.randn(1, 4, 8) * 1e4
+    k = torch.randn(1, 4, 8) * 1e4
+    v = torch.randn(1, 4, 8)
+    for rw in (False, True):
+        out = attend(q.float(), k.float(), v.float(), return_weights=rw)
+        out = out[0] if rw else out
+        assert torch.isfinite(out).all()
+
+
+def test_half_precision_weights_are_computed_in_float32():
+    q, k = torch.randn(1, 3, 8).bfloat16(), torch.randn(1, 4, 8).bfloat16()
+    w = attention_weights(q, k)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 3, dtype=torch.float32))
+
+
+def test_logits_and_weights_are_consistent(qkv):
+    q, k, _ = qkv
+    logits = attention_logits(q, k)
+    torch.testing.assert_close(logits, q @ k.transpose(1, 2) / math.sqrt(8))
+    torch.testing.assert_close(attention_weights(q, k), torch.softmax(logits, -1))
+
+
+def test_leading_dims_of_any_rank(qkv):
+    q, k, v = qkv
+    expected = attend(q, k, v)
+    # (2, 5, 8) viewed as (2, 1, 1, 5, 8): five dims fold back to the same result
+    out = attend(q[:, None, None], k[:, None, None], v[:, None, None])
+    torch.testing.assert_close(out[:, 0, 0], expected)
+    # unbatched keys broadcast against batched queries
+    out = attend(q, k[0], v[0])
+    torch.testing.assert_close(out[0], expected[0])
+
+
+def test_fused_path_is_taken_and_no_square_matrix_is_formed():
+    n = 256
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.float32) for _ in range(3))
+    # NCHW-style views: the feature dim is strided, which would send SDPA to its math path
+    q_view, k_view, v_view = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    assert q_view.stride(-1) != 1
+    for args in ((q, k, v), (q_view, k_view, v_view)):
+        with OpRecorder() as rec:
+            attend(*args)
+        assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in rec.names()
+        square = [name for name, shapes in rec.calls if any(s[-2:] == (n, n) for s in shapes)]
+        assert not square, f"an N x N tensor was formed by {square}"
+
+
+def test_bool_mask_and_causal_still_fused():
+    q = torch.randn(1, 2, 64, 16, dtype=torch.float32)
+    mask = torch.rand(1, 1, 64, 64) > 0.2
+    for kwargs in ({"mask": mask}, {"causal": True}, {"mask": mask, "causal": True}):
+        with OpRecorder() as rec:
+            attend(q, q, q, **kwargs)
+        assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in rec.names(), kwargs
+
+
+def test_bad_arguments_name_what_was_expected(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="score: expected one of"):
+        attend(q, k, v, score="nope")
+    with pytest.raises(TypeError, match="floating-point"):
+        attend(q.long(), k, v)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attend(q, k, v, mask=torch.ones(5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool mask"):
+        attend(q, k, v, mask=torch.ones(5, 7, dtype=torch.int64))
+    with pytest.raises(ValueError, match="same number of keys and values"):
+        attend(q, k, v[:, :3])
+    with pytest.raises(ValueError, match=r"w: score 'general' needs a w of shape \(8, 8\)"):
+        attend(q, k, v, score="general")
+    with pytest.raises(TypeError, match="one dtype"):
+        attend(q, k.float(), v)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attend(q, k, v, dropout_p=1.5)
+
+
+def test_dropout_applies_only_when_asked(qkv):
+    q, k, v = qkv
+    torch.manual_seed(0)
+    dropped = attend(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped, attend(q, k, v))
+    torch.manual_seed(0)
+    _, weights = attend(q, k, v, dropout_p=0.5, return_weights=True)
+    # the returned weights are the pre-dropout probabilities
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))

@@ -1,0 +1,96 @@
+"""cbam, cbam_channel, cbam_spatial: the paper's equations in float64 and the official variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo.vision.cbam import CBAM, ChannelAttention, SpatialAttention
+
+torch.set_default_dtype(torch.float64)
+
+
+def mlp(module, v):
+    return torch.relu(v @ module.fc1.weight.T + module.fc1.bias) @ module.fc2.weight.T + module.fc2.bias
+
+
+def channel_reference(module, x):
+    # M_c(F) = sigma(MLP(AvgPool(F)) + MLP(MaxPool(F))), the SAME MLP for both descriptors
+    avg = x.mean(dim=(2, 3))
+    mx = x.amax(dim=(2, 3))
+    return torch.sigmoid(mlp(module, avg) + mlp(module, mx))[:, :, None, None]
+
+
+def spatial_reference(module, x, order=("avg", "max")):
+    maps = {"avg": x.mean(1, keepdim=True), "max": x.amax(1, keepdim=True)}
+    stacked = torch.cat([maps[o] for o in order], 1)
+    k = module.conv.kernel_size[0]
+    logits = F.conv2d(stacked, module.conv.weight, module.conv.bias, padding=k // 2)
+    return torch.sigmoid(logits)
+
+
+def test_channel_attention_matches_equation_and_returns_gated_features():
+    torch.manual_seed(0)
+    module = attnzoo.create("cbam_channel", 32)
+    x = torch.randn(2, 32, 6, 5)
+    weights = channel_reference(module, x)
+    out, attn = module(x, return_attn=True)
+    # the module returns the gated features M_c * F (a known bug returns the bare weights)
+    torch.testing.assert_close(out, x * weights)
+    torch.testing.assert_close(attn, weights)
+
+
+def test_spatial_attention_matches_equation():
+    torch.manual_seed(1)
+    module = attnzoo.create("cbam_spatial", 8)
+    x = torch.randn(2, 8, 6, 5)
+    weights = spatial_reference(module, x)
+    out, attn = module(x, return_attn=True)
+    torch.testing.assert_close(out, x * weights)
+    assert attn.shape == (2, 1, 6, 5)
+    assert module.conv.kernel_size == (7, 7)
+
+
+def test_cbam_is_channel_then_spatial():
+    torch.manual_seed(2)
+    module = CBAM(32)
+    x = torch.randn(2, 32, 6, 6)
+    refined = x * channel_reference(module.channel, x)
+    expected = refined * spatial_reference(module.spatial, refined)
+    out, maps = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected)
+    assert set(maps) == {"channel", "spatial"}
+
+
+def test_official_variant_uses_batchnorm_and_max_mean_order():
+    torch.manual_seed(3)
+    official = SpatialAttention(8, variant="official").eval()
+    assert official.conv.bias is None
+    with torch.no_grad():
+        official.norm.running_mean.fill_(0.3)
+        official.norm.running_var.fill_(2.0)
+    x = torch.randn(2, 8, 5, 5)
+    raw = F.conv2d(
+        torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], 1), official.conv.weight, padding=3
+    )
+    bn = official.norm
+    expected = torch.sigmoid((raw - 0.3) / torch.sqrt(torch.tensor(2.0) + bn.eps) * bn.weight + bn.bias)
+    torch.testing.assert_close(official(x, return_attn=True)[1], expected)
+    paper = SpatialAttention(8)
+    assert paper.conv.bias is not None
+
+
+def test_parameter_count_of_channel_mlp():
+    # shared MLP: C*C/r + C/r + C/r*C + C
+    assert sum(p.numel() for p in ChannelAttention(256).parameters()) == 2 * 256 * 16 + 16 + 256
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="kernel_size: expected an odd"):
+        SpatialAttention(kernel_size=4)
+    with pytest.raises(ValueError, match="variant"):
+        CBAM(16, variant="mine")
+    with pytest.raises(ValueError, match="4-D tensor"):
+        CBAM(16)(torch.randn(2, 16, 5))
