@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "count_flops", "peak_memory", "time_call"]
+__all__ = ["Timing", "compare_calls", "count_flops", "peak_memory", "time_call"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,32 @@ def time_call(
         _sync(device)
         samples.append(time.perf_counter() - start)
     return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def compare_calls(
+    calls: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> dict[str, Timing]:
+    """Time several callables with their repeats interleaved (a, b, a, b, ...).
+
+    On a shared machine the load changes over seconds; interleaving exposes every contender to the
+    same load, so their ratio is steadier than with one block of repeats after the other.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(s), min(s), max(s), repeats) for name, s in samples.items()}
 
 
 def _status_kb(field: str) -> int:
