@@ -1,0 +1,1 @@
+"""Embedded datasets and small training tasks (nothing is downloaded)."""
