@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnzoo.functional import attend, attention_logits, attention_weights, causal_mask
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class OpRecorder(TorchDispatchMode):
@@ -232,3 +232,28 @@ def test_dropout_applies_only_when_asked(qkv):
     _, weights = attend(q, k, v, dropout_p=0.5, return_weights=True)
     # the returned weights are the pre-dropout probabilities
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))
+
+
+def test_different_value_width_stays_on_the_fused_path():
+    n = 256
+    for d_qk, d_v in ((16, 8), (8, 24)):
+        q, k = (
+            torch.randn(1, 2, n, d_qk, dtype=torch.float32),
+            torch.randn(1, 2, n, d_qk, dtype=torch.float32),
+        )
+        v = torch.randn(1, 2, n, d_v, dtype=torch.float32)
+        with OpRecorder() as rec:
+            out = attend(q, k, v)
+        assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in rec.names()
+        assert not [name for name, shapes in rec.calls if any(s[-2:] == (n, n) for s in shapes)]
+        assert out.shape == (1, 2, n, d_v)
+        torch.testing.assert_close(out, attend(q, k, v, return_weights=True)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_float16_logits_beyond_65504_stay_finite_with_maps():
+    q = torch.full((1, 2, 64), 40.0, dtype=torch.float16)  # q . k = 102400 > float16's max
+    k = torch.full((1, 3, 64), 40.0, dtype=torch.float16)
+    v = torch.randn(1, 3, 5).half()
+    out, weights = attend(q, k, v, score="dot", return_weights=True)
+    assert torch.isfinite(out).all() and torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, dtype=torch.float32))

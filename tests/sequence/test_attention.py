@@ -10,7 +10,7 @@ import torch
 import attnzoo
 from attnzoo.sequence.attention import Attention
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def loop_attention(q, k, v, score_fn, key_mask=None):

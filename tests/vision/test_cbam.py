@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import attnzoo
 from attnzoo.vision.cbam import CBAM, ChannelAttention, SpatialAttention
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def mlp(module, v):

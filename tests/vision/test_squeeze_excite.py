@@ -10,7 +10,7 @@ import attnzoo
 from attnzoo.layers import make_divisible, reduced_width
 from attnzoo.vision.squeeze_excite import SqueezeExcite
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def test_matches_paper_equation():

@@ -183,7 +183,8 @@ def attention_logits(
     v_a: Tensor | None = None,
     b_a: Tensor | None = None,
 ) -> Tensor:
-    """Unnormalised scores ``score(q_i, k_j) * scale``, shape (..., N_q, N_k).
+    """Unnormalised scores ``score(q_i, k_j) * scale``, shape (..., N_q, N_k); float32 for
+    half-precision inputs.
 
     Args:
         q: queries (..., N_q, D_q).
@@ -194,6 +195,11 @@ def attention_logits(
     """
     _check_qkv(q, k, None, score)
     scale = _default_scale(score, k.shape[-1], scale)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # half-precision logits overflow (float16 ends at 65504) and lose the small differences a
+        # softmax amplifies: form them in float32, as the fused kernels do internally
+        q, k = q.float(), k.float()
+        w, w_q, w_k, v_a, b_a = (t.float() if t is not None else None for t in (w, w_q, w_k, v_a, b_a))
     if score in FUSABLE_SCORES:
         q, k = _bilinear_query(q, k, score, w)
         return (q @ k.transpose(-2, -1)) * scale  # (..., N_q, N_k)
@@ -314,7 +320,14 @@ def attend(
         # The fused kernels need a unit stride in the last dim; views of NCHW maps or transposed
         # features lack it, and SDPA then silently takes its quadratic-memory math path.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        fused_scale = _default_scale(score, q.shape[-1], scale)
+        fused_scale = _default_scale(score, q.shape[-1], scale)  # from the true width, before padding
+        width_qk, width_v = q.shape[-1], v.shape[-1]
+        # The flash kernels need one head width for q, k and v; with two, SDPA silently takes its
+        # quadratic math path. Zero columns change neither the scores nor the kept output columns.
+        if width_qk > width_v:
+            v = F.pad(v, (0, width_qk - width_v))
+        elif width_v > width_qk:
+            q, k = F.pad(q, (0, width_v - width_qk)), F.pad(k, (0, width_v - width_qk))
         mask = merge_masks(mask, causal, n_q, n_k)
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         q4, k4, v4, mask4 = _as_4d(q, k, v, mask, lead)
@@ -326,7 +339,8 @@ def attend(
             out = F.scaled_dot_product_attention(
                 q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=fused_scale
             )
-        return out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D_v) -> (..., N_q, D_v)
+        out = out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D) -> (..., N_q, D)
+        return out[..., :width_v] if v.shape[-1] != width_v else out
 
     weights = attention_weights(
         q,

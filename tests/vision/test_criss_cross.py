@@ -1,0 +1,184 @@
+"""criss_cross: CCNet's equations in float64 (loops over positions), the H+W-1 keys, recurrence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import attnzoo
+from attnzoo.vision.criss_cross import CrissCrossAttention, criss_cross_attention
+
+F64 = torch.float64
+
+
+class LargestBuffer(TorchDispatchMode):
+    """Records the largest storage (in elements) any op produces: catches a materialised HW x HW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def randomised(module: torch.nn.Module, seed: int = 0, gamma: float = 0.7) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=F64) * 0.5)
+        if getattr(module, "gamma", None) is not None:
+            module.gamma.fill_(gamma)
+    return module
+
+
+def conv1x1(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
+
+
+def reference_step(module: CrissCrossAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Eqs. 1-2 position by position: keys = u's column without u, then u's row (with u)."""
+    q, k, v = (conv1x1(c, x) for c in (module.query_conv, module.key_conv, module.value_conv))
+    batch, _, height, width = x.shape
+    out = torch.empty_like(x)
+    maps = torch.zeros(batch, height, width, height + width, dtype=x.dtype)
+    for b in range(batch):
+        for i in range(height):
+            for j in range(width):
+                column = [(r, j) for r in range(height) if r != i]
+                row = [(i, c) for c in range(width)]
+                keys = column + row  # H + W - 1 positions, the centre once
+                energies = torch.stack([q[b, :, i, j] @ k[b, :, r, c] for r, c in keys])
+                a = torch.softmax(energies, dim=0)
+                out[b, :, i, j] = sum(a[n] * v[b, :, r, c] for n, (r, c) in enumerate(keys))
+                for n, (r, c) in enumerate(keys):
+                    maps[b, i, j, r if n < len(column) else height + c] = a[n]
+    gamma = module.gamma if module.gamma is not None else 1.0
+    return gamma * out + x, maps
+
+
+def test_matches_paper_equations_with_shared_recurrence():
+    torch.manual_seed(0)
+    module = randomised(CrissCrossAttention(16, dtype=F64)).eval()
+    x = torch.randn(2, 16, 4, 5, dtype=F64)  # H != W catches a swapped row/column axis
+    ref, _ = reference_step(module, x)
+    ref, ref_maps = reference_step(module, ref)  # R = 2 with the SAME weights
+    out, maps = module(x, return_attn=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps, ref_maps, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(module(x), out, rtol=0, atol=0)
+
+
+def test_defaults_reduction_and_recurrence():
+    module = attnzoo.create("criss_cross", 64)
+    assert module.query_conv.out_channels == module.key_conv.out_channels == 8  # C/8
+    assert module.value_conv.out_channels == 64
+    assert module.recurrence == 2
+    single = CrissCrossAttention(64, recurrence=1)
+    # the recurrence shares weights: R = 2 has no more parameters than R = 1
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in single.parameters())
+    # and never a zero-width projection on thin inputs
+    assert CrissCrossAttention(4).inner_channels == 1
+
+
+def test_gamma_zero_at_init_is_identity():
+    module = CrissCrossAttention(16).eval()
+    assert module.gamma.item() == 0.0
+    x = torch.randn(2, 16, 5, 6)
+    torch.testing.assert_close(module(x), x, rtol=0, atol=0)
+
+
+def test_paper_equation_without_gamma():
+    module = randomised(CrissCrossAttention(8, recurrence=1, gamma=False, dtype=F64)).eval()
+    assert module.gamma is None
+    x = torch.randn(1, 8, 3, 4, dtype=F64)
+    torch.testing.assert_close(module(x), reference_step(module, x)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_maps_layout_centre_counted_once_and_normalised():
+    module = randomised(CrissCrossAttention(8, dtype=F64)).eval()
+    height, width = 5, 3
+    _, maps = module(torch.randn(2, 8, height, width, dtype=F64), return_attn=True)
+    assert maps.shape == (2, height, width, height + width)
+    assert (maps >= 0).all() and (maps <= 1).all()
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, height, width, dtype=F64))
+    rows = torch.arange(height)
+    # the centre's slot in the column part is exactly zero: it is counted in the row part
+    assert (maps[:, rows, :, rows] == 0).all()
+    assert ((maps > 0).sum(-1) == height + width - 1).all()
+
+
+def test_two_recurrences_reach_every_position():
+    """One pass sees the row and column; two passes see the whole image (the point of R = 2)."""
+    torch.manual_seed(1)
+    height, width = 4, 5
+
+    def influence(recurrence: int) -> torch.Tensor:
+        module = randomised(CrissCrossAttention(8, recurrence=recurrence, dtype=F64))
+        x = torch.randn(1, 8, height, width, dtype=F64, requires_grad=True)
+        module(x)[0, :, 0, 0].sum().backward()
+        return x.grad.abs().sum(1)[0] > 0  # (H, W): which inputs reach output (0, 0)
+
+    one = influence(1)
+    expected = torch.zeros(height, width, dtype=torch.bool)
+    expected[0, :] = expected[:, 0] = True
+    assert torch.equal(one, expected)
+    assert influence(2).all()
+
+
+def test_large_logits_and_half_precision_stay_finite():
+    module = randomised(CrissCrossAttention(16, dtype=F64)).eval()
+    with torch.no_grad():
+        module.query_conv.weight.mul_(1e3)
+        module.key_conv.weight.mul_(1e3)
+    x = torch.randn(1, 16, 6, 6, dtype=F64)
+    out = module(x)
+    assert torch.isfinite(out).all()
+    for dtype in (torch.float16, torch.bfloat16):
+        half = CrissCrossAttention(16, dtype=dtype).eval()
+        half.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})
+        # fp16 products of these logits would overflow to inf (inf - inf = NaN in the softmax)
+        result, maps = half(x.to(dtype), return_attn=True)
+        assert result.dtype == dtype and torch.isfinite(result).all()
+        assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
+
+
+def test_no_hw_by_hw_matrix():
+    module = CrissCrossAttention(16, recurrence=1).eval()
+    side = 16
+    x = torch.randn(1, 16, side, side)
+    with torch.no_grad(), LargestBuffer() as probe:
+        module(x)
+    assert probe.largest <= side * side * 2 * side  # O(HW (H + W)), not (HW)^2 = 65536
+    assert probe.largest < (side * side) ** 2 // 4
+
+
+def test_functional_form_on_tiny_maps():
+    # H = 1: the column holds only the (masked) centre; the row carries all the weight
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 3, 1, 4)
+    out, maps = criss_cross_attention(q, k, v)
+    assert torch.isfinite(out).all() and maps[..., 0].eq(0).all()
+    expected = torch.einsum(
+        "bwk,bck->bcw", F.softmax(torch.einsum("bcw,bck->bwk", q[:, :, 0], k[:, :, 0]), -1), v[:, :, 0]
+    )
+    torch.testing.assert_close(out[:, :, 0], expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"channels": 0}, "channels"),
+        ({"channels": 8, "recurrence": 0}, "recurrence"),
+        ({"channels": 8, "rd_ratio": 0.0}, "rd_ratio"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CrissCrossAttention(**kwargs)
