@@ -1,1 +1,9 @@
-"""Networks built from attnzoo mechanisms: seq2seq, captioning, ResNets."""
+"""Networks built from attnzoo mechanisms: ResNets with any gating module, seq2seq, captioning."""
+
+from __future__ import annotations
+
+# Imported eagerly: the submodule attnzoo.models.resnet and the function resnet share a name, and
+# binding the function here, after the submodule is loaded, keeps attnzoo.models.resnet callable.
+from attnzoo.models.resnet import ResNet, resnet
+
+__all__ = ["ResNet", "resnet"]

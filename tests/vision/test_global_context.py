@@ -1,0 +1,140 @@
+"""gc: the paper's equation in float64 (attention pooling, add fusion, zero init) and the official options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.vision.global_context import GlobalContext
+
+F64 = torch.float64
+
+
+def randomise(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+
+
+def layer_norm(v, weight, bias, eps):
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    return (v - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def gc_reference(m: GlobalContext, x):
+    """z_i = x_i + W_v2 relu(LN(W_v1 sum_j alpha_j x_j)), alpha_j = softmax_j(W_k x_j), loop over j."""
+    batch, channels, h, w = x.shape
+    wk = m.key.weight.flatten()
+    alpha = torch.zeros(batch, h * w, dtype=x.dtype)
+    context = torch.zeros(batch, channels, dtype=x.dtype)
+    for b in range(batch):
+        logits = torch.stack([wk @ x[b, :, j // w, j % w] for j in range(h * w)])
+        e = torch.exp(logits - logits.max())
+        alpha[b] = e / e.sum()
+        for j in range(h * w):
+            context[b] += alpha[b, j] * x[b, :, j // w, j % w]
+    hidden = context @ m.fc1.weight.T + m.fc1.bias
+    hidden = torch.relu(layer_norm(hidden, m.norm.weight, m.norm.bias, m.norm.eps))
+    term = hidden @ m.fc2.weight.T + m.fc2.bias
+    return x + term[:, :, None, None], alpha.view(batch, 1, h, w), term
+
+
+def test_matches_equation():
+    torch.manual_seed(0)
+    module = GlobalContext(48, dtype=F64)
+    randomise(module)
+    x = torch.randn(2, 48, 5, 6, dtype=F64)
+    expected, alpha, term = gc_reference(module, x)
+    out, maps = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps["position"], alpha, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps["channel"], term[:, :, None, None], rtol=1e-10, atol=1e-10)
+
+
+def test_softmax_is_over_positions_and_sums_to_one():
+    torch.manual_seed(1)
+    module = GlobalContext(32, dtype=F64)
+    randomise(module)
+    x = torch.randn(3, 32, 7, 4, dtype=F64)
+    position = module(x, return_attn=True)[1]["position"]
+    assert position.shape == (3, 1, 7, 4)
+    assert (position >= 0).all()
+    torch.testing.assert_close(position.sum(dim=(2, 3)), torch.ones(3, 1, dtype=F64))
+
+
+def test_starts_as_identity_with_zero_last_layer():
+    module = GlobalContext(64)
+    assert (module.fc2.weight == 0).all() and (module.fc2.bias == 0).all()
+    x = torch.randn(2, 64, 5, 5)
+    assert torch.equal(module(x), x)
+    # ... but W_v1 and W_k are not zero, so the gradient reaches W_v2 at once
+    module(x).mul(torch.randn_like(x)).sum().backward()
+    assert module.fc2.weight.grad.abs().sum() > 0
+
+
+def test_bottleneck_ratio_and_no_key_bias():
+    module = GlobalContext(256)
+    assert module.fc1.out_features == 16 and module.norm.normalized_shape == (16,)
+    # a bias on W_k cancels in the softmax (the official code has one that never learns)
+    assert module.key.bias is None
+
+
+def test_layer_norm_never_sees_a_single_unit():
+    # LN over one unit outputs its bias whatever the input: the context would be cut off
+    module = GlobalContext(16)
+    assert module.rd_channels == 2
+    randomise(module)
+    x = torch.randn(2, 16, 4, 4)
+    module(x).mul(torch.randn_like(x)).sum().backward()
+    assert module.fc1.weight.grad.abs().sum() > 0 and module.key.weight.grad.abs().sum() > 0
+    assert GlobalContext(16, rd_channels=1).rd_channels == 1  # explicit widths are kept
+
+
+def test_scale_fusion_is_sigmoid_gate():
+    torch.manual_seed(2)
+    module = GlobalContext(32, fusion="scale", dtype=F64)
+    x = torch.randn(2, 32, 4, 4, dtype=F64)
+    torch.testing.assert_close(module(x), 0.5 * x)  # sigmoid(0) with the zero last layer
+    randomise(module, seed=3)
+    _, _, term = gc_reference(module, x)
+    out, maps = module(x, return_attn=True)
+    torch.testing.assert_close(out, x * torch.sigmoid(term)[:, :, None, None], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps["channel"], torch.sigmoid(term)[:, :, None, None])
+
+
+def test_avg_pooling_is_global_average():
+    torch.manual_seed(4)
+    module = GlobalContext(32, pooling="avg", dtype=F64)
+    randomise(module)
+    assert module.key is None
+    x = torch.randn(2, 32, 3, 5, dtype=F64)
+    out, maps = module(x, return_attn=True)
+    torch.testing.assert_close(maps["position"], torch.full((2, 1, 3, 5), 1 / 15, dtype=F64))
+    hidden = torch.relu(module.norm(x.mean(dim=(2, 3)) @ module.fc1.weight.T + module.fc1.bias))
+    expected = x + (hidden @ module.fc2.weight.T + module.fc2.bias)[:, :, None, None]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_half_precision_softmax_is_stable():
+    module = GlobalContext(32)
+    randomise(module, seed=5)
+    module = module.to(torch.bfloat16)
+    x = (torch.randn(2, 32, 8, 8) * 1e3).to(torch.bfloat16)  # logits of order 1e4
+    out, maps = module(x, return_attn=True)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.isfinite(maps["position"]).all()
+    torch.testing.assert_close(maps["position"].float().sum(dim=(2, 3)), torch.ones(2, 1))
+
+
+def test_registered_and_errors():
+    assert isinstance(attnzoo.create("gc", 16), GlobalContext)
+    with pytest.raises(ValueError, match="pooling"):
+        GlobalContext(16, pooling="max")
+    with pytest.raises(ValueError, match="fusion"):
+        GlobalContext(16, fusion="mul")
+    with pytest.raises(ValueError, match="4-D tensor"):
+        GlobalContext(16)(torch.randn(2, 16, 5))
+    assert GlobalContext(16)(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)
