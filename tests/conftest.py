@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist every worker is a process: with torch's default of one thread per core
+    # each, N workers on N cores oversubscribe the CPU and small ops slow down many times over.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
