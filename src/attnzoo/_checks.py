@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_input", "check_mask"]
+__all__ = ["SPATIAL_LAYOUTS", "check_input", "check_mask"]
+
+#: Feature maps with 1, 2 or 3 spatial dims: sequences of features, images, videos (T, H, W).
+SPATIAL_LAYOUTS = ("B C L", "B C H W", "B C T H W")
 
 
 def _describe(layout: str) -> str:

@@ -10,10 +10,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
 from attnzoo.registry import Paper, Sizes, example_image, register
-from attnzoo.vision.squeeze_excite import SPATIAL_LAYOUTS, channel_descriptor
+from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 

@@ -11,10 +11,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input
 from attnzoo.layers import LayerSpec, create_layer
 from attnzoo.registry import Paper, Sizes, example_image, register
-from attnzoo.vision.squeeze_excite import SPATIAL_LAYOUTS, channel_descriptor
+from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["ECA", "OFFICIAL_RESNET_KERNEL_SIZES", "adaptive_kernel_size"]
 

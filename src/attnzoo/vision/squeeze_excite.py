@@ -8,14 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
 from attnzoo.registry import Paper, Sizes, example_image, register
 
 __all__ = ["SqueezeExcite", "channel_descriptor"]
 
-#: Inputs with 1, 2 or 3 spatial dims: sequences of features, images, videos.
-SPATIAL_LAYOUTS = ("B C L", "B C H W", "B C T H W")
 
 
 def channel_descriptor(x: Tensor, pool: str) -> Tensor:
