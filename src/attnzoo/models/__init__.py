@@ -4,6 +4,8 @@ from __future__ import annotations
 
 # Imported eagerly: the submodule attnzoo.models.resnet and the function resnet share a name, and
 # binding the function here, after the submodule is loaded, keeps attnzoo.models.resnet callable.
+from attnzoo.models.captioner import ShowAttendTellCaptioner
 from attnzoo.models.resnet import ResNet, resnet
+from attnzoo.models.seq2seq import Seq2Seq
 
-__all__ = ["ResNet", "resnet"]
+__all__ = ["ResNet", "Seq2Seq", "ShowAttendTellCaptioner", "resnet"]
