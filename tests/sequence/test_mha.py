@@ -203,3 +203,40 @@ def test_bfloat16_close_to_float32():
     low = ours.to(torch.bfloat16)(x.bfloat16(), causal=True)
     assert low.dtype == torch.bfloat16
     assert ((low.float() - reference).norm() / reference.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("mask_kind", ["key_mask", "additive_per_head"])
+def test_onnx_export_with_batch_masks_and_dynamic_batch(mask_kind):
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = MultiheadAttention(32, 4)
+
+        def forward(self, x, key_mask):
+            if mask_kind == "key_mask":
+                return self.mha(x, key_mask=key_mask, causal=True)
+            # a float (B, h, N, N) mask built inside the model from a batch-sized input
+            bias = torch.zeros(x.shape[0], 4, x.shape[1], x.shape[1]).masked_fill(
+                ~key_mask[:, None, None, :], float("-inf")
+            )
+            return self.mha(x, attn_mask=bias)
+
+    model = Wrapped().eval()
+    x, key_mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    key_mask[1, 4:] = False
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (x, key_mask), dynamo=True, dynamic_shapes=({0: batch}, {0: batch})
+        )
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x3, mask3 = torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool)
+    mask3[2, 3:] = False
+    result = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x3, mask3))})[0]
+    torch.testing.assert_close(torch.from_numpy(result), model(x3, mask3), rtol=1e-4, atol=1e-4)
