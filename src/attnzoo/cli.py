@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -11,6 +12,7 @@ from dataclasses import replace
 import torch
 
 import attnzoo
+from attnzoo._progress import Progress
 from attnzoo.registry import ModuleSpec, get_spec, list_modules
 
 __all__ = ["main"]
@@ -107,32 +109,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
-        self.tty = sys.stderr.isatty()
-
-    def step(self, label: str) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        bar = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}"
-        if self.tty:
-            sys.stderr.write("\r\033[K" + bar)
-        else:
-            sys.stderr.write(bar + "\n")
-        sys.stderr.flush()
-        self.done += 1
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -149,10 +125,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = _resolve(args.names)
     if args.threads:
         torch.set_num_threads(args.threads)
-    progress = _Progress(len(names), enabled=not args.quiet)
+    progress = Progress(len(names), enabled=not args.quiet)
     rows = []
     for name in names:
-        progress.step(name)
+        progress.update(name)
         spec = get_spec(name)
         sizes = replace(
             spec.default_sizes,
@@ -182,6 +158,106 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"median of {args.repeats} after {args.warmup} warm-up",
             file=sys.stderr,
         )
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from attnzoo.demos.compare import CompareConfig, comparison_table, run_compare, write_report
+
+    config = CompareConfig(
+        mechanisms=args.mechanisms,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        image_size=args.image_size,
+        depth=args.depth,
+        width=args.width,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        data=args.data,
+        limit=args.limit,
+        output=args.output,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    try:
+        results, data, heatmaps = run_compare(config)
+    except (ValueError, KeyError) as error:
+        raise CliError(str(error.args[0]) if error.args else str(error)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
+    report = write_report(results, data, heatmaps, config)
+    print(comparison_table(results, len(config.seeds)))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from attnzoo.demos.translate import TranslateConfig, run_translate, write_translate_report
+
+    config = TranslateConfig(
+        attention=args.attention,
+        score=args.score,
+        local_mode=args.local_mode,
+        cell=args.cell,
+        hidden=args.hidden,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_train=args.train_size,
+        seed=args.seed,
+        output=args.output,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    try:
+        result, model, pairs = run_translate(config)
+    except (ValueError, KeyError) as error:
+        raise CliError(str(error.args[0]) if error.args else str(error)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    report = write_translate_report(result, model, pairs, config)
+    print(
+        f"exact match {100 * result.exact_match:.1f}%, character accuracy {100 * result.char_accuracy:.1f}%"
+    )
+    for source, target, prediction in result.examples:
+        print(f"  {source!r:32} -> {prediction}  ({'ok' if prediction == target else 'expected ' + target})")
+    print(f"report: {report}")
+    return 0
+
+
+def _query(text: str) -> tuple[int, int]:
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Y,X, got {text!r}") from None
+    return y, x
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from attnzoo.demos.show import show
+
+    name = _resolve([args.name])[0]
+    try:
+        path = show(name, args.image, args.output, query=args.query)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    print(path)
     return 0
 
 
@@ -218,6 +294,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write the result to this file instead of stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+
+    from attnzoo.demos.compare import DEFAULT_MECHANISMS
+
+    p = sub.add_parser(
+        "compare",
+        help="train the same ResNet with each mechanism and report accuracy, cost and attention maps",
+    )
+    p.add_argument(
+        "--mechanisms",
+        type=_names,
+        default=list(DEFAULT_MECHANISMS),
+        help=f"comma-separated names; 'none' is the plain network (default: {','.join(DEFAULT_MECHANISMS)})",
+    )
+    p.add_argument("--epochs", type=_positive, default=6)
+    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
+    p.add_argument("--image-size", type=_positive, default=32)
+    p.add_argument("--depth", type=int, default=20, help="ResNet depth: 20, 32, 44, 56, 110 or 18, 34, 50")
+    p.add_argument("--width", type=_positive, default=16, help="first-stage width (default 16)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--data", help="an image folder with one sub-folder per class (default: cluttered digits)")
+    p.add_argument("--limit", type=_positive, help="use at most this many training images")
+    p.add_argument(
+        "--output", "-o", default="reports/compare", help="report folder (default reports/compare)"
+    )
+    p.add_argument("--threads", type=_positive)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "translate", help="train Seq2Seq with Bahdanau or Luong attention on dates; draw alignments"
+    )
+    p.add_argument("--attention", choices=("bahdanau", "luong", "luong_local"), default="bahdanau")
+    p.add_argument("--score", choices=("dot", "general", "concat", "location"), help="Luong's score")
+    p.add_argument("--local-mode", choices=("local-p", "local-m"), default="local-p")
+    p.add_argument("--cell", choices=("gru", "lstm"), help="default: the paper's (GRU Bahdanau, LSTM Luong)")
+    p.add_argument("--hidden", type=_positive, default=64)
+    p.add_argument("--epochs", type=_positive, default=8)
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train-size", type=_positive, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default="reports/translate")
+    p.add_argument("--threads", type=_positive)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("show", help="draw a mechanism's attention maps on an image")
+    p.add_argument("name")
+    p.add_argument("--image", help="an image file (default: scikit-learn's bundled photo)")
+    p.add_argument("--query", type=_query, help="Y,X feature cell whose pairwise attention is drawn")
+    p.add_argument("--output", "-o", default="reports/show")
+    p.set_defaults(func=cmd_show)
     return parser
 
 
