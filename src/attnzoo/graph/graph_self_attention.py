@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_input
 from attnzoo.functional.attend import attend
 from attnzoo.registry import Paper, Sizes, register
+from attnzoo.sequence._heads import check_heads
 
 __all__ = ["BPGraph", "GraphSelfAttention", "binary_partition_graph", "dense_to_edge_index"]
 
@@ -244,12 +245,7 @@ class GraphSelfAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
-                f"embed_dim, num_heads: expected positive sizes, got {embed_dim} and {num_heads}"
-            )
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
+        check_heads(embed_dim, num_heads)
         if num_edge_types < 0:
             raise ValueError(f"num_edge_types: expected a non-negative count, got {num_edge_types}")
         if not 0.0 <= dropout < 1.0:

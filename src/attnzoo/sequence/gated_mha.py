@@ -17,9 +17,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask
-from attnzoo.functional.attend import and_masks, attend, key_padding_to_mask
+from attnzoo.functional.attend import attend
 from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.sequence._heads import (
+    check_heads,
+    merge_heads,
+    merge_masks_for_heads,
+    resolve_key_value,
+    split_heads,
+)
 from attnzoo.sequence.mha import MultiheadAttention
 
 __all__ = ["GatedMultiheadAttention"]
@@ -123,12 +129,7 @@ class GatedMultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
-                f"embed_dim, num_heads: expected positive sizes, got {embed_dim} and {num_heads}"
-            )
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
+        check_heads(embed_dim, num_heads)
         if not 0.0 <= dropout < 1.0 or not 0.0 <= out_dropout < 1.0:
             raise ValueError(f"dropout: expected probabilities in [0, 1), got {dropout}, {out_dropout}")
         if not temperature > 0:
@@ -264,11 +265,6 @@ class GatedMultiheadAttention(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        # (B, N, h*d) -> (B, N, h, d) -> (B, h, N, d)
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(
         self,
         query: Tensor,
@@ -282,22 +278,15 @@ class GatedMultiheadAttention(nn.Module):
         average_heads: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Gated multi-head attention from ``query`` to ``key``/``value`` (self when None)."""
-        check_input(query, "query", "B N D", D=self.embed_dim)
-        key = query if key is None else key
-        value = key if value is None else value
-        batch, n_q = query.shape[0], query.shape[1]
-        check_input(key, "key", "B N D", B=batch, D=self.kdim)
-        check_input(value, "value", "B N D", B=batch, N=key.shape[1], D=self.vdim)
-        n_k = key.shape[1]
-
-        mask = None
-        if attn_mask is not None:
-            check_mask(attn_mask, "attn_mask", (batch, max(self.num_heads, 1), n_q, n_k))
-            # (B, N_q, N_k) -> (B, 1, N_q, N_k): the same mask for every head
-            mask = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask
-        if key_mask is not None:
-            # (B, 1, N_k) -> (B, 1, 1, N_k): the same padding for every head and query
-            mask = and_masks(mask, key_padding_to_mask(key_mask, batch, n_k).unsqueeze(1))
+        key, value = resolve_key_value(
+            query, key, value, embed_dim=self.embed_dim, kdim=self.kdim, vdim=self.vdim
+        )
+        batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        # after pruning every head, a mask is still checked against one head
+        heads_for_mask = max(self.num_heads, 1)
+        mask = merge_masks_for_heads(
+            attn_mask, key_mask, batch=batch, n_q=n_q, n_k=n_k, num_heads=heads_for_mask
+        )
 
         if self.num_heads == 0:
             # every head pruned: only the output bias is left
@@ -307,9 +296,9 @@ class GatedMultiheadAttention(nn.Module):
             empty = query.new_zeros(batch, 0, n_q, n_k)
             return out, (query.new_zeros(batch, n_q, n_k) if average_heads else empty)
 
-        q = self._split_heads(self.q_proj(query))  # (B, h, N_q, d)
-        k = self._split_heads(self.k_proj(key))  # (B, h, N_k, d)
-        v = self._split_heads(self.v_proj(value))  # (B, h, N_k, d)
+        q = split_heads(self.q_proj(query), self.num_heads)  # (B, N_q, h*d) -> (B, h, N_q, d)
+        k = split_heads(self.k_proj(key), self.num_heads)  # (B, h, N_k, d)
+        v = split_heads(self.v_proj(value), self.num_heads)  # (B, h, N_k, d)
         result = attend(
             q,
             k,
@@ -325,12 +314,7 @@ class GatedMultiheadAttention(nn.Module):
         else:
             gates = self.gates().view(1, -1, 1, 1)  # (h,) -> (1, h, 1, 1)
         heads = heads * gates.to(heads.dtype)
-        # (B, h, N_q, d) -> (B, N_q, h, d) -> (B, N_q, h*d). An explicit copy, not reshape: with a
-        # batch-sized mask, export traces the fused kernel's strides, for which the reshape is a
-        # view, and ONNX replays it on the plain-strided decomposition, where it is not.
-        merged = heads.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        merged = merged.view(batch, n_q, self.num_heads * self.head_dim)
-        out = self.out_dropout(self.out_proj(merged))
+        out = self.out_dropout(self.out_proj(merge_heads(heads)))  # (B, h, N_q, d) -> (B, N_q, h*d)
         if maps is None:
             return out
         return out, (maps.mean(dim=1) if average_heads else maps)

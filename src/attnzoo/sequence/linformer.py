@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask
-from attnzoo.functional.attend import attend
+from attnzoo.functional.attend import attend, key_padding_to_mask
 from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.sequence._heads import check_heads, merge_heads, resolve_key_value, split_heads
 
 __all__ = ["Linformer", "LinformerProjection"]
 
@@ -163,12 +163,7 @@ class Linformer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
-                f"embed_dim, num_heads: expected positive sizes, got {embed_dim} and {num_heads}"
-            )
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
+        check_heads(embed_dim, num_heads)
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len: expected a positive length, got {max_seq_len}")
         proj_dim = max(1, max_seq_len // 4) if proj_dim is None else proj_dim
@@ -241,11 +236,6 @@ class Linformer(nn.Module):
             f"proj_dim={self.proj_dim}, sharing={self.sharing!r}, variant={self.variant!r}"
         )
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        # (B, N, E) -> (B, N, h, d) -> (B, h, N, d)
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
     def _compress(self, x: Tensor, projection: LinformerProjection) -> Tensor:
         """Project a (B, N, E) sequence to (B, k, E) along the positions (official order)."""
         # (B, N, E) -> (B, 1, N, E) -> (B, 1, k, E) -> (B, k, E)
@@ -262,13 +252,9 @@ class Linformer(nn.Module):
         average_heads: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to the k projected keys and values (self-attention when None)."""
-        check_input(query, "query", "B N D", D=self.embed_dim)
-        key = query if key is None else key
-        value = key if value is None else value
-        batch, n_q = query.shape[0], query.shape[1]
-        check_input(key, "key", "B N D", B=batch, D=self.embed_dim)
-        check_input(value, "value", "B N D", B=batch, N=key.shape[1], D=self.embed_dim)
-        n_k = key.shape[1]
+        e = self.embed_dim
+        key, value = resolve_key_value(query, key, value, embed_dim=e, kdim=e, vdim=e)
+        batch, n_k = query.shape[0], key.shape[1]
         if n_k > self.max_seq_len:
             raise ValueError(
                 f"key: expected at most max_seq_len={self.max_seq_len} positions, got {n_k} "
@@ -276,29 +262,23 @@ class Linformer(nn.Module):
             )
         keep = None
         if key_mask is not None:
-            check_mask(key_mask, "key_mask", (batch, n_k))
-            if key_mask.dtype != torch.bool or key_mask.shape != (batch, n_k):
-                raise TypeError(
-                    f"key_mask: expected a (B, N_k) = ({batch}, {n_k}) bool mask (True = real key), got "
-                    f"{key_mask.dtype} of shape {tuple(key_mask.shape)}"
-                )
-            keep = key_mask.unsqueeze(-1)  # (B, N_k) -> (B, N_k, 1)
+            keep = key_padding_to_mask(key_mask, batch, n_k).transpose(1, 2)  # (B, 1, N_k) -> (B, N_k, 1)
 
         proj_v = self.proj_v if self.proj_v is not None else self.proj_k
-        q = self._split_heads(self.q_proj(query))  # (B, h, N, d)
+        q = split_heads(self.q_proj(query), self.num_heads)  # (B, h, N, d)
         if self.variant == "official":
             # NOTE: deviates from eq. 7 (official fairseq order): E X, then W^K (bias after E).
             if keep is not None:
                 key, value = key.masked_fill(~keep, 0.0), value.masked_fill(~keep, 0.0)
-            k = self._split_heads(self.k_proj(self._compress(key, self.proj_k)))  # (B, h, k, d)
-            v = self._split_heads(self.v_proj(self._compress(value, proj_v)))  # (B, h, k, d)
+            k = split_heads(self.k_proj(self._compress(key, self.proj_k)), self.num_heads)  # (B, h, k, d)
+            v = split_heads(self.v_proj(self._compress(value, proj_v)), self.num_heads)  # (B, h, k, d)
         else:
             k_full, v_full = self.k_proj(key), self.v_proj(value)  # (B, N_k, E)
             if keep is not None:
                 # padded keys get zero rows, so no column of E or F picks them up
                 k_full, v_full = k_full.masked_fill(~keep, 0.0), v_full.masked_fill(~keep, 0.0)
-            k = self.proj_k(self._split_heads(k_full))  # (B, h, N_k, d) -> (B, h, k, d)
-            v = proj_v(self._split_heads(v_full))  # (B, h, N_k, d) -> (B, h, k, d)
+            k = self.proj_k(split_heads(k_full, self.num_heads))  # (B, h, N_k, d) -> (B, h, k, d)
+            v = proj_v(split_heads(v_full, self.num_heads))  # (B, h, N_k, d) -> (B, h, k, d)
 
         result = attend(
             q,
@@ -308,9 +288,7 @@ class Linformer(nn.Module):
             return_weights=return_attn,
         )
         heads, maps = result if isinstance(result, tuple) else (result, None)
-        # (B, h, N, d) -> (B, N, h, d) -> (B, N, E)
-        merged = heads.transpose(1, 2).reshape(batch, n_q, self.embed_dim)
-        out = self.out_proj(merged)
+        out = self.out_proj(merge_heads(heads))  # (B, h, N, d) -> (B, N, E)
         if maps is None:
             return out
         return out, (maps.mean(dim=1) if average_heads else maps)

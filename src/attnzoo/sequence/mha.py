@@ -10,9 +10,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask
-from attnzoo.functional.attend import and_masks, attend, key_padding_to_mask
+from attnzoo.functional.attend import attend
 from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.sequence._heads import (
+    check_heads,
+    merge_heads,
+    merge_masks_for_heads,
+    resolve_key_value,
+    split_heads,
+)
 
 __all__ = ["KVCache", "MultiheadAttention"]
 
@@ -107,16 +113,10 @@ class MultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
-                f"embed_dim, num_heads: expected positive sizes, got {embed_dim} and {num_heads}"
-            )
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
+        self.head_dim = check_heads(embed_dim, num_heads)
         if not 0.0 <= dropout < 1.0 or not 0.0 <= out_dropout < 1.0:
             raise ValueError(f"dropout: expected probabilities in [0, 1), got {dropout}, {out_dropout}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.dropout = dropout
         factory = {"device": device, "dtype": dtype}
@@ -176,18 +176,6 @@ class MultiheadAttention(nn.Module):
                 ours.out_proj.bias.copy_(module.out_proj.bias)
         return ours
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        # (B, N, E) -> (B, N, h, d) -> (B, h, N, d); the last dim keeps unit stride for the kernel
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _attn_mask(self, attn_mask: Tensor, batch: int, n_q: int, n_k: int) -> Tensor:
-        check_mask(attn_mask, "attn_mask", (batch, self.num_heads, n_q, n_k))
-        if attn_mask.dim() == 3:
-            # (B, N_q, N_k) -> (B, 1, N_q, N_k): the same mask for every head
-            attn_mask = attn_mask.unsqueeze(1)
-        return attn_mask
-
     def forward(
         self,
         query: Tensor,
@@ -208,28 +196,18 @@ class MultiheadAttention(nn.Module):
         (with ``causal=True``, each new token sees the past and itself, exactly as in the full
         causal pass).
         """
-        check_input(query, "query", "B N D", D=self.embed_dim)
         if cache is not None and key is not None:
             raise ValueError("cache: incremental decoding is self-attention; pass key=None")
-        key = query if key is None else key
-        value = key if value is None else value
-        batch, n_q = query.shape[0], query.shape[1]
-        check_input(key, "key", "B N D", B=batch, D=self.kdim)
-        check_input(value, "value", "B N D", B=batch, N=key.shape[1], D=self.vdim)
-
-        q = self._split_heads(self.q_proj(query))  # (B, h, N_q, d)
-        k = self._split_heads(self.k_proj(key))  # (B, h, N_k_new, d)
-        v = self._split_heads(self.v_proj(value))  # (B, h, N_k_new, d)
+        key, value = resolve_key_value(
+            query, key, value, embed_dim=self.embed_dim, kdim=self.kdim, vdim=self.vdim
+        )
+        batch, n_q, h = query.shape[0], query.shape[1], self.num_heads
+        q = split_heads(self.q_proj(query), h)  # (B, N_q, E) -> (B, h, N_q, d)
+        k = split_heads(self.k_proj(key), h)  # (B, h, N_k_new, d)
+        v = split_heads(self.v_proj(value), h)  # (B, h, N_k_new, d)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, h, N_k, d) with N_k = cached + new
-        n_k = k.shape[-2]
-
-        mask = None
-        if attn_mask is not None:
-            mask = self._attn_mask(attn_mask, batch, n_q, n_k)
-        if key_mask is not None:
-            # (B, 1, N_k) -> (B, 1, 1, N_k): the same padding for every head and query
-            mask = and_masks(mask, key_padding_to_mask(key_mask, batch, n_k).unsqueeze(1))
+        mask = merge_masks_for_heads(attn_mask, key_mask, batch=batch, n_q=n_q, n_k=k.shape[-2], num_heads=h)
 
         result = attend(
             q,
@@ -241,9 +219,7 @@ class MultiheadAttention(nn.Module):
             return_weights=return_attn,
         )
         heads, maps = result if isinstance(result, tuple) else (result, None)
-        # (B, h, N_q, d) -> (B, N_q, h, d) -> (B, N_q, E)
-        merged = heads.transpose(1, 2).reshape(batch, n_q, self.embed_dim)
-        out = self.out_dropout(self.out_proj(merged))
+        out = self.out_dropout(self.out_proj(merge_heads(heads)))  # (B, h, N_q, d) -> (B, N_q, E)
         if maps is None:
             return out
         return out, (maps.mean(dim=1) if average_heads else maps)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask
-from attnzoo.functional.attend import and_masks, attend, key_padding_to_mask
+from attnzoo.functional.attend import attend
 from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.sequence._heads import merge_masks_for_heads, resolve_key_value
 
 __all__ = ["SingleHeadAttention"]
 
@@ -182,20 +182,11 @@ class SingleHeadAttention(nn.Module):
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to the memory ``key``/``value`` (self-attention when None)."""
-        check_input(query, "query", "B N D", D=self.embed_dim)
-        key = query if key is None else key
-        value = key if value is None else value
-        batch, n_q = query.shape[0], query.shape[1]
-        check_input(key, "key", "B N D", B=batch, D=self.embed_dim)
-        check_input(value, "value", "B N D", B=batch, N=key.shape[1], D=self.embed_dim)
-        n_k = key.shape[1]
-
-        mask = None
-        if attn_mask is not None:
-            check_mask(attn_mask, "attn_mask", (batch, n_q, n_k))
-            mask = attn_mask
-        if key_mask is not None:
-            mask = and_masks(mask, key_padding_to_mask(key_mask, batch, n_k))  # (B, 1, N_k)
+        e = self.embed_dim
+        key, value = resolve_key_value(query, key, value, embed_dim=e, kdim=e, vdim=e)
+        batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        # one head: masks broadcast to (B, N_q, N_k)
+        mask = merge_masks_for_heads(attn_mask, key_mask, batch=batch, n_q=n_q, n_k=n_k, num_heads=None)
 
         q_gate, k_gate, v_gate = self.gates()  # (d,) each
         q = q_gate * self._normed_query(query)  # (B, N_q, d)

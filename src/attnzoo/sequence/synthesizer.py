@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input
-from attnzoo.functional.attend import and_masks, attend, key_padding_to_mask
+from attnzoo.functional.attend import and_masks, attend
 from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.sequence._heads import check_heads, merge_heads, merge_masks_for_heads, split_heads
 
 __all__ = ["COMPONENTS", "Synthesizer"]
 
@@ -150,12 +151,7 @@ class Synthesizer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
-                f"embed_dim, num_heads: expected positive sizes, got {embed_dim} and {num_heads}"
-            )
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
+        check_heads(embed_dim, num_heads)
         if max_len <= 0:
             raise ValueError(f"max_len: expected a positive length, got {max_len}")
         if mixture not in _MIXTURES:
@@ -248,11 +244,6 @@ class Synthesizer(nn.Module):
         alphas = torch.softmax(self.mix_logits, dim=0)
         return {c: alphas[i] for i, c in enumerate(self.components)}
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        # (B, N, E) -> (B, N, h, d) -> (B, h, N, d)
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
     def _dense_logits(self, x: Tensor, n: int) -> Tensor:
         assert self.dense_hidden is not None and self.dense_out is not None
         rows = self.dense_out(F.relu(self.dense_hidden(x)))  # (B, N, h*l)
@@ -300,7 +291,7 @@ class Synthesizer(nn.Module):
             )
         # learned alphas only: a single component, or mixture="sum", multiplies by nothing
         alphas = self.mixture_weights() if self.mix_logits is not None else None
-        v = self._split_heads(self.v_proj(x))  # (B, h, N, d): G(X)
+        v = split_heads(self.v_proj(x), self.num_heads)  # (B, h, N, d): G(X)
 
         synthesized: Tensor | None = None  # the mixed synthetic logits, (B, h, N, N) or (h, N, N)
         for component in self.components:
@@ -321,10 +312,10 @@ class Synthesizer(nn.Module):
         if "dot" in self.components:
             assert self.q_proj is not None and self.k_proj is not None
             # alpha_dot Q K^T / sqrt(d): alpha folded into Q so the fused kernel can take it
-            q = self._split_heads(self.q_proj(x))  # (B, h, N, d)
+            q = split_heads(self.q_proj(x), self.num_heads)  # (B, h, N, d)
             if alphas is not None:
                 q = alphas["dot"] * q
-            k = self._split_heads(self.k_proj(x))  # (B, h, N, d)
+            k = split_heads(self.k_proj(x), self.num_heads)  # (B, h, N, d)
             scale = 1.0 / math.sqrt(self.head_dim)
         else:
             # No query-key term: zero scores, and the synthetic logits enter as the additive mask,
@@ -333,10 +324,8 @@ class Synthesizer(nn.Module):
             k = x.new_zeros(batch, self.num_heads, n, 1)
             scale = 1.0
 
-        mask: Tensor | None = synthesized
-        if key_mask is not None:
-            # (B, 1, N) -> (B, 1, 1, N): the same padding for every head and query
-            mask = and_masks(mask, key_padding_to_mask(key_mask, batch, n).unsqueeze(1))
+        padding = merge_masks_for_heads(None, key_mask, batch=batch, n_q=n, n_k=n, num_heads=self.num_heads)
+        mask = and_masks(synthesized, padding) if padding is not None else synthesized
         result = attend(
             q,
             k,
@@ -348,11 +337,7 @@ class Synthesizer(nn.Module):
             return_weights=return_attn,
         )
         heads, maps = result if isinstance(result, tuple) else (result, None)
-        # (B, h, N, d) -> (B, N, h, d) -> (B, N, E)
-        # an explicit copy, not reshape: export traces the fused kernel's strides, for which the
-        # reshape is a view, and ONNX replays it on the plain-strided decomposition, where it is not
-        merged = heads.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        out = self.out_proj(merged.view(batch, n, self.embed_dim))
+        out = self.out_proj(merge_heads(heads))  # (B, h, N, d) -> (B, N, E)
         if maps is None:
             return out
         return out, (maps.mean(dim=1) if average_heads else maps)
