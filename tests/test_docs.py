@@ -28,7 +28,10 @@ def test_every_registered_mechanism_has_a_page(name):
     assert python_blocks(text), f"{page.name}: no runnable python example"
 
 
-@pytest.mark.parametrize("page", [*PAGES, DOCS / "conventions.md"], ids=lambda p: p.name)
+GUIDES = sorted(DOCS.glob("*.md"))
+
+
+@pytest.mark.parametrize("page", [*PAGES, *GUIDES], ids=lambda p: p.name)
 def test_examples_run(page):
     for block in python_blocks(page.read_text()):
         exec(compile(block, str(page), "exec"), {"__name__": "__docs__"})

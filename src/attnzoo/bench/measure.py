@@ -5,12 +5,16 @@ compare ratios against a baseline measured in the same run, not absolute numbers
 
 Peak memory on CPU is the process's resident-set high-water mark during the call, minus the
 resident set before it: Linux resets the mark through ``/proc/self/clear_refs``, so the figure
-includes every temporary a kernel allocates, not only the tensors a profiler sees. On CUDA it is
+includes every temporary a kernel allocates, not only the tensors a profiler sees (allocations of
+64 KiB and more are given their own mappings during the call, so freed memory is not reused
+silently; smaller ones are not counted reliably). On CUDA it is
 ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import re
 import statistics
@@ -98,6 +102,18 @@ def _status_kb(field: str) -> int:
     return int(match.group(1))
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def peak_memory(fn: Callable[[], object], *, device: torch.device | str | None = None) -> int:
     """Extra bytes at the peak of ``fn()`` over what was in use before the call.
 
@@ -112,14 +128,26 @@ def peak_memory(fn: Callable[[], object], *, device: torch.device | str | None =
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - before)
+    libc = _libc()
+    if libc is not None:
+        # glibc serves allocations below its (adaptive, up to 32 MiB) mmap threshold from a heap it
+        # keeps after free: a second call then reuses pages already resident and shows no growth.
+        # During the call every allocation of 64 KiB or more gets its own mapping, returned on
+        # free, so the resident set follows the live tensors.
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.malloc_trim(0)
     try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM to the current resident set
-    except OSError as error:
-        raise RuntimeError("peak_memory on CPU needs Linux's /proc/self/clear_refs") from error
-    before = _status_kb("VmRSS")
-    fn()
-    return max(0, _status_kb("VmHWM") - before) * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets VmHWM to the current resident set
+        except OSError as error:
+            raise RuntimeError("peak_memory on CPU needs Linux's /proc/self/clear_refs") from error
+        before = _status_kb("VmRSS")
+        fn()
+        return max(0, _status_kb("VmHWM") - before) * 1024
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's adaptive ceiling
 
 
 def count_flops(fn: Callable[[], object]) -> int:
