@@ -151,7 +151,7 @@ class SpatialAttention(nn.Module):
         """M_s(x), (B, 1, H, W)."""
         check_input(x, "x", "B C H W", C=self.channels)
         mean_map = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
-        max_map = x.amax(dim=1, keepdim=True)  # (B, 1, H, W)
+        max_map = x.max(dim=1, keepdim=True).values  # (B, 1, H, W); max, not amax: faster backward
         maps = [max_map, mean_map] if self.variant == "official" else [mean_map, max_map]
         return self.gate(self.norm(self.conv(torch.cat(maps, dim=1))))
 

@@ -190,7 +190,7 @@ class FeatureBankOperator(nn.Module):
         check_input(bank, "bank", "B M C", B=x.shape[0], C=self.bank_channels)
         batch, length = x.shape[0], x.shape[1]
         if self.mode != "nl":
-            pooled = bank.mean(dim=1) if self.mode == "avg" else bank.amax(dim=1)  # (B, C_bank)
+            pooled = bank.mean(dim=1) if self.mode == "avg" else bank.max(dim=1).values  # (B, C_bank)
             # the same bank summary for every short-term feature: (B, C_bank) -> (B, N, C_bank)
             out = pooled.unsqueeze(1).expand(batch, length, self.bank_channels)
             if not return_attn:

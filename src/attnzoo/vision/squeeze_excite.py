@@ -15,14 +15,15 @@ from attnzoo.registry import Paper, Sizes, example_image, register
 __all__ = ["SqueezeExcite", "channel_descriptor"]
 
 
-
 def channel_descriptor(x: Tensor, pool: str) -> Tensor:
     """Global pooling over every spatial dim: (B, C, *S) -> (B, C)."""
     flat = x.flatten(2)  # (B, C, *S) -> (B, C, prod(S))
     if pool == "avg":
         return flat.mean(dim=-1)
     if pool == "max":
-        return flat.amax(dim=-1)
+        # max(dim), not amax: its backward scatters through the indices, where amax's splits the
+        # gradient over ties with full-size masks (2.7x slower measured at (32, 256, 56, 56))
+        return flat.max(dim=-1).values
     raise ValueError(f"pool: expected 'avg' or 'max', got {pool!r}")
 
 
