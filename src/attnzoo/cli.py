@@ -307,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_MECHANISMS),
         help=f"comma-separated names; 'none' is the plain network (default: {','.join(DEFAULT_MECHANISMS)})",
     )
-    p.add_argument("--epochs", type=_positive, default=6)
+    p.add_argument("--epochs", type=_positive, default=8)
     p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
     p.add_argument("--image-size", type=_positive, default=32)
-    p.add_argument("--depth", type=int, default=20, help="ResNet depth: 20, 32, 44, 56, 110 or 18, 34, 50")
+    p.add_argument("--depth", type=int, default=8, help="ResNet depth: 8, 14, 20, 32, ... or 18, 34, 50")
     p.add_argument("--width", type=_positive, default=16, help="first-stage width (default 16)")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--data", help="an image folder with one sub-folder per class (default: cluttered digits)")
     p.add_argument("--limit", type=_positive, help="use at most this many training images")
     p.add_argument(

@@ -9,7 +9,8 @@ Placements (``placement=`` overrides the default for a name):
   identity: SE (arXiv:1709.01507, Fig. 3), CBAM (arXiv:1807.06521, Fig. 3), ECA, GC and any
   other shape-preserving module (the default).
 - ``"stage"``: after every stage but the last, where the feature maps are downsampled next: BAM
-  (arXiv:1807.06514, Fig. 1).
+  (arXiv:1807.06514, Fig. 1), and the standalone pairwise blocks that carry their own residual
+  connection (non-local, DNL, SAGAN, DANet, criss-cross) instead of sitting inside a block.
 - ``"conv"``: replacing the 3x3 convolution (with its BN and ReLU): SK (arXiv:1903.06586),
   split attention (ResNeSt, arXiv:2004.08955), SC conv (SCNet); the module is built as
   ``create(name, in_width, out_width, stride=s)``.
@@ -42,11 +43,22 @@ IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 #: Depth 6n + 2 -> n basic blocks in each of three stages (paper section 4.2).
-CIFAR_DEPTHS: dict[int, int] = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
+#: (depth - 2) / 6 basic blocks per stage; 8 (one block per stage) is the small network of the
+#: `attnzoo compare` default, cheap enough to train eight variants on two cores in minutes.
+CIFAR_DEPTHS: dict[int, int] = {8: 1, 14: 2, 20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 
 #: Where a mechanism goes when its paper does not put it on the residual branch.
 PLACEMENTS: dict[str, Placement] = {
     "bam": "stage",
+    # Blocks with their own residual connection (z = W y + x) go between residual blocks, not
+    # inside them: non-local blocks after res3/res4 blocks (arXiv:1711.07971, section 4), SAGAN
+    # between layers, DNL and DANet after a stage. NOTE: the paper's ImageNet models add them to
+    # res3 and res4 only; "stage" adds one after every stage but the last.
+    "non_local": "stage",
+    "dnl": "stage",
+    "sagan": "stage",
+    "danet": "stage",
+    "criss_cross": "stage",
     "sk": "conv",
     "split_attention": "conv",
     "scconv": "conv",
@@ -340,13 +352,13 @@ def resnet(
     Depths 18, 34 (basic blocks), 50, 101, 152 (bottlenecks) are the ImageNet networks: four stages
     of widths ``width * (1, 2, 4, 8)`` (64 by default), a 7x7/2 stem with max pooling (or, with
     ``stem="cifar"``, a 3x3/1 stem without pooling, as the BAM/CBAM code trains on CIFAR).
-    Depths 20, 32, 44, 56, 110 are the CIFAR ResNets: three stages of (depth - 2) / 6 basic blocks,
+    Depths 8, 14, 20, 32, 44, 56, 110 are the CIFAR ResNets: three stages of (depth - 2) / 6 basic blocks,
     widths ``width * (1, 2, 4)`` (16 by default), a 3x3/1 stem; cheap on CPU for 32-64 px images
     (ResNet-20: 0.27M parameters, 41 MFLOPs at 32 x 32). Shortcuts are 1x1 projections where the
     shape changes; the stride sits on the 3x3 conv (torchvision's "v1.5").
 
     Args:
-        depth: 18, 34, 50, 101, 152 or 20, 32, 44, 56, 110.
+        depth: 18, 34, 50, 101, 152 or 8, 14, 20, 32, 44, 56, 110.
         attention: a registered name (``attnzoo.list_modules()``), or None.
         num_classes: output classes (default 1000 for ImageNet depths, 10 for CIFAR depths).
         in_chans: input channels (1 for grey images).
