@@ -6,6 +6,8 @@ Importing the package imports every mechanism module, which fills the registry::
     attnzoo.list_modules()            # every registered name
     se = attnzoo.create("se", 64)     # build one by name
     attnzoo.get_spec("mha").paper     # where it comes from
+    attnzoo.attach(my_resnet, "cbam") # add a mechanism to an existing network
+    with attnzoo.capture(model) as maps: ...   # record every attention map
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ __all__ = [
     "Paper",
     "Sizes",
     "__version__",
+    "attach",
+    "capture",
     "create",
     "get_spec",
     "list_modules",
+    "models",
     "register",
 ]
 
@@ -43,3 +48,7 @@ def _import_mechanisms() -> None:
 
 
 _import_mechanisms()
+
+# after the registry is filled: these modules look mechanisms up by name
+from attnzoo import models  # noqa: E402  (attnzoo.models.resnet, Seq2Seq, ...)
+from attnzoo.inspect import attach, capture  # noqa: E402
