@@ -136,11 +136,18 @@ def convert_batchnorm(module: nn.Module, info: DistInfo) -> nn.Module:
     if info.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        reference = next(iter(module.state_dict().values()))  # same device and dtype as the original
         replacement = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=reference.device,
+            dtype=reference.dtype if reference.is_floating_point() else None,
         )
         replacement.load_state_dict(module.state_dict())
-        return replacement.to(next(iter(module.state_dict().values())).device)
+        return replacement
     for name, child in module.named_children():
         setattr(module, name, convert_batchnorm(child, info))
     return module
