@@ -209,9 +209,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_translate(args: argparse.Namespace) -> int:
     from attnzoo.demos.translate import TranslateConfig, run_translate, write_translate_report
 
+    score = args.score or ("general" if args.attention != "bahdanau" else None)
     config = TranslateConfig(
         attention=args.attention,
-        score=args.score,
+        score=score,
         local_mode=args.local_mode,
         cell=args.cell,
         hidden=args.hidden,
@@ -327,8 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "translate", help="train Seq2Seq with Bahdanau or Luong attention on dates; draw alignments"
     )
-    p.add_argument("--attention", choices=("bahdanau", "luong", "luong_local"), default="bahdanau")
-    p.add_argument("--score", choices=("dot", "general", "concat", "location"), help="Luong's score")
+    p.add_argument("--attention", choices=("bahdanau", "luong", "luong_local"), default="luong")
+    p.add_argument(
+        "--score", choices=("dot", "general", "concat", "location"), help="Luong's score (default general)"
+    )
     p.add_argument("--local-mode", choices=("local-p", "local-m"), default="local-p")
     p.add_argument("--cell", choices=("gru", "lstm"), help="default: the paper's (GRU Bahdanau, LSTM Luong)")
     p.add_argument("--hidden", type=_positive, default=64)

@@ -97,7 +97,7 @@ def test_translate_trains_and_draws_alignments(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "exact match" in printed
     report = (out / "report.md").read_text()
-    assert "bahdanau" in report and "| source | target | prediction |" in report
+    assert "luong" in report and "| source | target | prediction |" in report
     alignments = sorted(out.glob("alignment_*.png"))
     assert len(alignments) == 4
     assert all(min(png_size(p)) >= 100 for p in alignments)
