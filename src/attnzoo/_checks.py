@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["SPATIAL_LAYOUTS", "check_input", "check_mask"]
+__all__ = ["SPATIAL_LAYOUTS", "check_input", "check_mask", "check_variant"]
 
 #: Feature maps with 1, 2 or 3 spatial dims: sequences of features, images, videos (T, H, W).
 SPATIAL_LAYOUTS = ("B C L", "B C H W", "B C T H W")
@@ -81,3 +81,13 @@ def check_mask(mask: object, name: str, target: Sequence[int]) -> None:
     )
     if not ok:
         raise ValueError(f"{name}: shape {tuple(mask.shape)} does not broadcast to {target}")
+
+
+def check_variant(variant: object, name: str = "variant") -> None:
+    """Check a ``variant`` argument: ``"paper"`` (the default everywhere) or ``"official"``.
+
+    Raises:
+        ValueError: any other value, naming the argument.
+    """
+    if variant not in ("paper", "official"):
+        raise ValueError(f"{name}: expected 'paper' or 'official', got {variant!r}")

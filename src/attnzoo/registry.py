@@ -26,8 +26,10 @@ __all__ = [
     "example_image",
     "example_sequence",
     "get_spec",
+    "image_input",
     "list_modules",
     "register",
+    "sequence_input",
 ]
 
 #: The families a spec may belong to (the catalog's sections).
@@ -242,3 +244,13 @@ def example_image(
     """A deterministic (B, C, H, W) example with H = W = ``side`` (default ``sizes.extent``)."""
     side = side or sizes.extent
     return _randn((sizes.batch, channels or sizes.width, side, side), sizes, seed)
+
+
+def image_input(sizes: Sizes) -> tuple[torch.Tensor, ...]:
+    """``make_inputs`` for modules that take one (B, C, H, W) map."""
+    return (example_image(sizes),)
+
+
+def sequence_input(sizes: Sizes) -> tuple[torch.Tensor, ...]:
+    """``make_inputs`` for modules that take one (B, N, D) sequence."""
+    return (example_sequence(sizes),)

@@ -6,29 +6,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnzoo.functional import attend, attention_logits, attention_weights, causal_mask
+from attnzoo.testing import OpRecorder
 
 pytestmark = pytest.mark.usefixtures("float64_default")
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records every aten op dispatched, with the shapes of its tensor outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]
-        self.calls.append((str(func), shapes))
-        return out
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
 
 
 def reference(q, k, v, score_fn, mask=None):

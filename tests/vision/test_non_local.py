@@ -8,27 +8,13 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
+from attnzoo.testing import OpRecorder
 from attnzoo.vision.non_local import PAIRWISE_FUNCTIONS, NonLocalBlock, relu_pair_sum
 
 F64 = torch.float64
 SHAPES = {"1d": (2, 16, 10), "2d": (2, 16, 6, 5), "3d": (2, 16, 3, 4, 4)}
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records every aten op dispatched with the sizes (numel) of its tensor outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        self.calls.append((str(func), [t.numel() for t in outs if isinstance(t, torch.Tensor)]))
-        return out
 
 
 def perturbed(module: NonLocalBlock, seed: int = 0) -> NonLocalBlock:
@@ -160,15 +146,15 @@ def test_no_n_by_n_matrix_without_maps(pairwise: str) -> None:
     n = 256
     with torch.no_grad(), OpRecorder() as recorder:
         module(x)
-    names = [name for name, _ in recorder.calls]
-    big = [(name, sizes) for name, sizes in recorder.calls if any(s >= n * n for s in sizes)]
+    names = [name for name, _ in recorder.sizes]
+    big = [(name, sizes) for name, sizes in recorder.sizes if any(s >= n * n for s in sizes)]
     assert not big, f"an N x N-sized tensor was formed: {big}"
     if pairwise in ("embedded_gaussian", "gaussian"):
         assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in names
     assert not any("softmax" in name for name in names)
     with torch.no_grad(), OpRecorder() as recorder:
         module(x, return_attn=True)  # the maps path does form it
-    assert any(s >= n * n for _, sizes in recorder.calls for s in sizes)
+    assert any(s >= n * n for _, sizes in recorder.sizes for s in sizes)
 
 
 def test_concatenation_sorted_path_has_the_explicit_gradients() -> None:

@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
+from attnzoo.testing import OpRecorder
 from attnzoo.vision.sagan import SAGANAttention
 
 F64 = torch.float64
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records every aten op dispatched with the sizes (numel) of its tensor outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        self.calls.append((str(func), [t.numel() for t in outs if isinstance(t, torch.Tensor)]))
-        return out
 
 
 def perturbed(module: SAGANAttention, seed: int = 0) -> SAGANAttention:
@@ -114,9 +100,9 @@ def test_no_n_by_n_matrix_without_maps(variant: str) -> None:
     n = 256
     with torch.no_grad(), OpRecorder() as recorder:
         module(x)
-    names = [name for name, _ in recorder.calls]
+    names = [name for name, _ in recorder.sizes]
     assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in names
-    big = [(name, sizes) for name, sizes in recorder.calls if any(s >= n * n // 4 for s in sizes)]
+    big = [(name, sizes) for name, sizes in recorder.sizes if any(s >= n * n // 4 for s in sizes)]
     assert not big, f"an N x N'-sized tensor was formed: {big}"
     assert not any("softmax" in name or "bmm" in name for name in names)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.registry import Paper, register, sequence_input
 from attnzoo.sequence._heads import (
     check_heads,
     merge_heads,
@@ -34,10 +34,6 @@ Noise = Literal["token", "sample", "batch"]
 _NOISES = ("token", "sample", "batch")
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_sequence(s),)
-
-
 @register(
     "gated_mha",
     family="sequence",
@@ -48,7 +44,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="MultiHead(Q, K, V) = Concat(g_1 head_1, ..., g_h head_h) W^O, g_i ~ HardConcrete(log a_i, "
     "beta=0.33, stretch (-0.1, 1.1)); L0 = sum_i P(g_i != 0) = sum_i sigmoid(log a_i - beta log(0.1/1.1))",
     make_kwargs=lambda s: {"embed_dim": s.width, "num_heads": 4},
-    make_inputs=_example_inputs,
+    make_inputs=sequence_input,
     supports_mask=True,
     channel_dim=-1,
     cost="time O(N_q N_k d + (N_q + N_k) d^2); memory O((N_q + N_k) d) without maps (fused kernel), "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.functional.attend import attend, key_padding_to_mask
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.registry import Paper, register, sequence_input
 from attnzoo.sequence._heads import check_heads, merge_heads, resolve_key_value, split_heads
 
 __all__ = ["Linformer", "LinformerProjection"]
@@ -81,10 +81,6 @@ class LinformerProjection(nn.Module):
         return torch.matmul(weight, x)
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_sequence(s),)
-
-
 @register(
     "linformer",
     family="sequence",
@@ -92,7 +88,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="head_i = softmax(Q W_i^Q (E_i K W_i^K)^T / sqrt(d_k)) F_i V W_i^V, E_i, F_i in R^{k x n}, "
     "k = n/4; out = Concat(head_1..head_h) W^O",
     make_kwargs=lambda s: {"embed_dim": s.width, "num_heads": 4, "max_seq_len": s.extent},
-    make_inputs=_example_inputs,
+    make_inputs=sequence_input,
     supports_mask=True,
     channel_dim=-1,
     cost="time O(N k d + N d^2); memory O(N d + h N k) with return_attn, O(N d + k d) without "

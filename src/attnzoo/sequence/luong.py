@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.functional.attend import attend, attention_weights, key_padding_to_mask
 from attnzoo.registry import Paper, Sizes, example_sequence, register
 
@@ -302,8 +302,7 @@ class LuongLocalAttention(_LuongBase):
             raise ValueError(f"mode: expected one of {LOCAL_MODES}, got {mode!r}")
         if window < 0:
             raise ValueError(f"window: expected a half-width D >= 0, got {window}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         sigma = window / 2 if sigma is None else sigma
         if mode == "local-p" and not sigma > 0:
             raise ValueError(f"sigma: expected a positive standard deviation, got {sigma}")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.registry import Paper, register, sequence_input
 from attnzoo.sequence._heads import (
     check_heads,
     merge_heads,
@@ -48,10 +48,6 @@ class KVCache:
         return self.key, self.value
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_sequence(s),)
-
-
 @register(
     "mha",
     family="sequence",
@@ -59,7 +55,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, "
     "head_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V, d_k = d_model / h",
     make_kwargs=lambda s: {"embed_dim": s.width, "num_heads": 4},
-    make_inputs=_example_inputs,
+    make_inputs=sequence_input,
     supports_mask=True,
     channel_dim=-1,
     cost="time O(N_q N_k d + (N_q + N_k) d^2); memory O((N_q + N_k) d) without maps "

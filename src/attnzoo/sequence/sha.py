@@ -15,17 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.registry import Paper, register, sequence_input
 from attnzoo.sequence._heads import merge_masks_for_heads, resolve_key_value
 
 __all__ = ["SingleHeadAttention"]
 
 Variant = Literal["paper", "official"]
 _VARIANTS = ("paper", "official")
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_sequence(s),)
 
 
 @register(
@@ -35,7 +31,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="q = sigmoid(s_q) * LN(W_q x + b_q), k = sigmoid(s_k) * m, v = sigmoid(s_v) * m, "
     "out = softmax(q k^T / sqrt(d)) v  (one head; no key/value projections)",
     make_kwargs=lambda s: {"embed_dim": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=sequence_input,
     supports_mask=True,
     channel_dim=-1,
     cost="time O(N_q N_k d + N_q d^2); memory O((N_q + N_k) d) without maps (fused kernel), "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask
+from attnzoo._checks import check_input, check_mask, check_variant
 from attnzoo.functional.attend import attend, attention_weights
 from attnzoo.registry import Paper, Sizes, example_image, example_sequence, register
 
@@ -240,8 +240,7 @@ def doubly_stochastic_penalty(
     check_input(alpha, "alpha", "B T L")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    if variant not in ("paper", "official"):
-        raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+    check_variant(variant)
     if variant == "official":
         # NOTE: deviates from the paper on purpose, as the official code: sum over the batch,
         # mean over the locations, every step counted

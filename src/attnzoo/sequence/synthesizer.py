@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input
 from attnzoo.functional.attend import and_masks, attend
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.registry import Paper, register, sequence_input
 from attnzoo.sequence._heads import check_heads, merge_heads, merge_masks_for_heads, split_heads
 
 __all__ = ["COMPONENTS", "Synthesizer"]
@@ -58,10 +58,6 @@ def _factors(length: int, a: int | None, b: int | None) -> tuple[int, int]:
     return a, b
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_sequence(s),)
-
-
 @register(
     "synthesizer",
     family="sequence",
@@ -69,7 +65,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="Y = softmax(B) G(X); dense: B_i = F2(relu(F1(X_i))) in R^l; random: B = R in R^{l x l}; "
     "mixture: softmax(sum_c alpha_c S_c(X)) G(X), with S = Q K^T / sqrt(d) for dot-product",
     make_kwargs=lambda s: {"embed_dim": s.width, "max_len": s.extent, "num_heads": 4},
-    make_inputs=_example_inputs,
+    make_inputs=sequence_input,
     supports_mask=True,
     channel_dim=-1,
     cost="time O(N^2 d + N d^2) (dense: O(N d l) for the logits); memory O(h N^2) per sample "

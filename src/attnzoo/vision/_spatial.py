@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 
-
 def to_tokens(x: Tensor) -> Tensor:
     """(B, C, *S) -> (B, N, C), contiguous, N = prod(S): the layout the fused kernel needs."""
     return x.flatten(2).transpose(1, 2).contiguous()  # (B, C, *S) -> (B, C, N) -> (B, N, C)

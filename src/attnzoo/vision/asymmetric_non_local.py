@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.functional.attend import attend
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["AsymmetricNonLocal", "pyramid_pool"]
 
@@ -39,10 +39,6 @@ def _conv_bn_relu(in_ch: int, out_ch: int, factory: dict) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, **factory), nn.BatchNorm2d(out_ch, **factory), nn.ReLU())
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "asymmetric_non_local",
     family="non_local",
@@ -50,7 +46,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="O = softmax(theta(X)^T P(phi(X))) P(gamma(X))^T, P = pyramid pooling to 1+9+36+64 = 110 "
     "anchors; Y = fuse(cat[W_o O, X]) (APNB; AFNB: query from the high level, keys/values from the low)",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B HW S (C_k + C_v) + B HW C^2), S = 110; memory O(B HW (C_k + C_v) + B C HW): "
     "no HW x HW matrix (fused kernel; O(B HW S) with return_attn)",
     notes="mode='afnb' takes (high, low) feature maps; variant='official' scales the logits by "
@@ -113,8 +109,7 @@ class AsymmetricNonLocal(nn.Module):
             raise ValueError(f"channels: expected a positive count, got {channels}")
         if mode not in ("apnb", "afnb"):
             raise ValueError(f"mode: expected 'apnb' or 'afnb', got {mode!r}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         if mode == "apnb" and low_channels is not None:
             raise ValueError("low_channels: only AFNB (mode='afnb') has a low-level input")
         if not pool_sizes or any(int(s) < 1 for s in pool_sizes):

@@ -10,19 +10,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["BAM"]
 
 Variant = Literal["paper", "official"]
 Fusion = Literal["sum", "product"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 @register(
@@ -32,7 +28,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="F' = F + F * sigmoid(M_c(F) + M_s(F)); M_c = BN(MLP(GAP(F))), C -> C/r -> C; "
     "M_s = BN(conv1x1(conv3x3_d4(conv3x3_d4(conv1x1(F))))), C -> C/r -> C/r -> C/r -> 1; r = 16",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B HW C^2 / r + 18 B HW C^2 / r^2); memory O(B C HW)",
     notes="variant='official' is the authors' code: BN+ReLU after every hidden layer, no BN at the "
     "branch ends, biases everywhere, and the branches MULTIPLIED (fusion='product'); the paper sums",
@@ -93,8 +89,7 @@ class BAM(nn.Module):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"channels: expected a positive count, got {channels}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         fusion = fusion or ("product" if variant == "official" else "sum")
         if fusion not in ("sum", "product"):
             raise ValueError(f"fusion: expected 'sum', 'product' or None, got {fusion!r}")

@@ -10,24 +10,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import SPATIAL_LAYOUTS, check_input
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_variant
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 
 CBAM_PAPER = Paper("CBAM: Convolutional Block Attention Module", "1807.06521")
 Variant = Literal["paper", "official"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in ("paper", "official"):
-        raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
 
 
 @register(
@@ -37,7 +28,7 @@ def _check_variant(variant: str) -> None:
     equation="M_c(F) = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), one shared MLP C -> C/r -> C; "
     "F' = M_c(F) * F",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r); memory O(B C HW)",
 )
 class ChannelAttention(nn.Module):
@@ -103,7 +94,7 @@ class ChannelAttention(nn.Module):
     paper=CBAM_PAPER,
     equation="M_s(F) = sigmoid(conv7x7([AvgPool_c(F); MaxPool_c(F)])); F' = M_s(F) * F",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B HW k^2); memory O(B C HW)",
     notes="variant='official' adds BatchNorm after the conv (no conv bias) and pools [max; mean]",
 )
@@ -136,7 +127,7 @@ class SpatialAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_variant(variant)
+        check_variant(variant)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd positive size, got {kernel_size}")
         self.channels, self.variant = channels, variant
@@ -167,7 +158,7 @@ class SpatialAttention(nn.Module):
     paper=CBAM_PAPER,
     equation="F' = M_c(F) * F; F'' = M_s(F') * F'",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r + B HW k^2); memory O(B C HW)",
     notes="variant='official' uses the official spatial branch (BN, [max; mean])",
 )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["CrissCrossAttention", "criss_cross_attention"]
 
@@ -51,10 +51,6 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
     return out.to(v.dtype), weights
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "criss_cross",
     family="non_local",
@@ -62,7 +58,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="A_u = softmax_i(Q_u . K_i) over the H+W-1 positions i in the row and column of u; "
     "H'_u = gamma * sum_i A_{i,u} V_i + H_u; applied R = 2 times with the same weights",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(R B HW (H + W) C); memory O(B HW (H + W) + B C HW): no HW x HW matrix",
     notes="gamma=False drops the learnable scale (the paper's Eq. 2 adds the context unscaled); "
     "the RCCA segmentation head (3x3 convs around it, concat, bottleneck) is not part of the module",

@@ -12,10 +12,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.functional.attend import attend
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision._spatial import from_tokens, softmax_float, to_tokens
 
 __all__ = ["BRANCHES", "ChannelAttentionModule", "DualAttention", "PositionAttentionModule"]
@@ -100,8 +100,7 @@ class ChannelAttentionModule(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if variant not in ("paper", "official"):
-            raise ValueError(f"cam_variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant, "cam_variant")
         self.channels, self.variant = channels, variant
         self.beta = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
 
@@ -121,10 +120,6 @@ class ChannelAttentionModule(nn.Module):
         return (out, maps) if return_attn else out
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "danet",
     family="non_local",
@@ -132,7 +127,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="PAM: E_j = alpha sum_i softmax_i(B_i . C_j) D_i + A_j; CAM: E_j = beta sum_i "
     "softmax_i(A_i . A_j) A_i + A_j (channels); out = PAM(A) + CAM(A); alpha = beta = 0 at init",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B N^2 C / 8 + B N C^2); memory O(B N C + B C^2) without maps (fused kernel for "
     "PAM), O(B N^2) with return_attn",
     notes="cam_variant='official': softmax(max - energy) as in the official CAM_Module; "

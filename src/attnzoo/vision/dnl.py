@@ -12,19 +12,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import SPATIAL_LAYOUTS, check_input
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_variant
 from attnzoo.functional.attend import attend
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision._spatial import softmax_float, to_tokens
 
 __all__ = ["DisentangledNonLocal"]
 
 Variant = Literal["paper", "official"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 @register(
@@ -34,7 +30,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="w_ij = softmax_j((q_i - mu_q)^T (k_j - mu_k) / tau) + softmax_j(W_m x_j); "
     "y_i = sum_j w_ij g(x_j); z_i = BN(W_z y_i) + x_i",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B N^2 C); memory O(B N C) without maps (whitened q, k through the fused kernel; "
     "the unary term is a pooling), O(B N^2) with return_attn",
     notes="variant='official' scales the pairwise logits by 1/sqrt(C') and uses temperature 0.05 "
@@ -94,8 +90,7 @@ class DisentangledNonLocal(nn.Module):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"channels: expected a positive count, got {channels}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         official = variant == "official"
         temperature = (0.05 if official else 1.0) if temperature is None else temperature
         if not temperature > 0:

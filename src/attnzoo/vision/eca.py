@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import SPATIAL_LAYOUTS, check_input
 from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["ECA", "OFFICIAL_RESNET_KERNEL_SIZES", "adaptive_kernel_size"]
@@ -42,10 +42,6 @@ def adaptive_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> i
     return t if t % 2 else t + 1
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "eca",
     family="gating",
@@ -53,7 +49,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="y = x * sigmoid(conv1d_k(GAP(x))) (1-D conv across channels, zero padding, no bias); "
     "k = |log2(C)/2 + 1/2|_odd unless given",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B C k); memory O(B C HW) (the gated output); k parameters",
     notes="kernel_size=None is the paper's adaptive k; the released ImageNet ResNets fix k per stage "
     "(OFFICIAL_RESNET_KERNEL_SIZES, e.g. 3, 5, 5, 7 for ResNet-50)",

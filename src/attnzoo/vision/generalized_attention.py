@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input
 from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["GeneralizedAttention", "relative_position_embedding"]
 
@@ -69,10 +69,6 @@ def _parse_terms(attention_type: str) -> tuple[bool, bool, bool, bool]:
     return e1, e2, e3, e4
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "generalized_attention",
     family="non_local",
@@ -81,7 +77,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     "E1 = z_q^T U_m^T V^C_m x_k, E2 = z_q^T U_m^T V^R_m R_{q,k}, E3 = u_m^T V^C_m x_k, "
     "E4 = v_m^T V^R_m R_{q,k}",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B HW H'W' (d + H' + W') M + B HW C^2), H' W' = HW / s^2; memory O(B M HW (d + H' + W')) "
     "without maps (fused kernel; the E2/E4 logits stay factorised), O(B M HW H'W') with return_attn",
     notes="mmcv-compatible parameter names; no q_stride or spatial_range (mmcv's local window); "

@@ -14,16 +14,12 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["GlobalContext"]
 
 Pooling = Literal["att", "avg"]
 Fusion = Literal["add", "scale"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 @register(
@@ -33,7 +29,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="z_i = x_i + W_v2 relu(LN(W_v1 sum_j softmax_j(W_k x_j) x_j)), W_v1: C -> C/r, "
     "W_v2: C/r -> C, r = 16, W_v2 zero-initialised",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r); memory O(B C HW) (no HW x HW map)",
     notes="fusion='scale' is the official code's multiplicative 'channel_mul' (x * sigmoid(.)); "
     "pooling='avg' replaces the attention pooling by global average pooling (the paper's ablation)",

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_input
 from attnzoo.functional.attend import attend
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision._spatial import (
     SPATIAL_LAYOUTS,
     check_poolable,
@@ -78,10 +78,6 @@ def relu_pair_sum(a: Tensor, b: Tensor, values: Tensor) -> Tensor:
     return a.unsqueeze(-1) * left_v + left_bv
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "non_local",
     family="non_local",
@@ -89,7 +85,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="y_i = (1/C(x)) sum_j f(x_i, x_j) g(x_j); z_i = BN(W_z y_i) + x_i; default embedded "
     "Gaussian f = exp(theta(x_i)^T phi(x_j)), C(x) = sum_j f (a softmax over j); theta, phi, g to C/2",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B N^2 C) for the Gaussian forms, O(B N C^2) for dot_product, O(B N (C + log N)) "
     "for concatenation; memory O(B N C) without maps (fused kernel / associativity / sorting), "
     "O(B N^2) with return_attn",

@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, Sizes, image_input, register
 
 __all__ = ["SAGMask"]
 
@@ -23,10 +23,6 @@ Variant = Literal["paper", "official"]
 ROI_SIDE = 14
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "sag_mask",
     family="gating",
@@ -34,7 +30,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="X = relu(conv3x3)^4(RoI); A = sigmoid(conv3x3([max_c X; mean_c X])); X_sag = A * X; "
     "masks = conv1x1(relu(deconv2x2_s2(X_sag)))",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     default_sizes=Sizes(width=32, extent=ROI_SIDE),
     shape_preserving=False,
     cost="time O(B HW (C D + 3 D^2) 9 + B HW D^2 + 4 B HW D K); memory O(B D HW + 4 B K HW) "
@@ -99,8 +95,7 @@ class SAGMask(nn.Module):
             raise ValueError(f"num_convs: expected a count >= 0, got {num_convs}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd positive size, got {kernel_size}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         self.channels, self.num_classes, self.variant = channels, num_classes, variant
         factory = {"device": device, "dtype": dtype}
         layers: list[nn.Module] = []

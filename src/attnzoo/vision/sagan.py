@@ -13,20 +13,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.functional.attend import attend
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 from attnzoo.vision._spatial import check_poolable, from_tokens, max_pool_tokens, to_tokens
 
 __all__ = ["SAGANAttention"]
 
 Variant = Literal["paper", "official"]
 _POOL = (2, 2)
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 @register(
@@ -36,7 +32,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     equation="beta_{j,i} = softmax_i(f(x_i)^T g(x_j)); o_j = v(sum_i beta_{j,i} h(x_i)); "
     "y_j = gamma o_j + x_j, gamma = 0 at init; f, g, h: C -> C/8 (official h: C -> C/2), v: back to C",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B N^2 C / 8 + B N C^2); memory O(B N C) without maps (fused kernel), "
     "O(B N^2) with return_attn (N' = N/4 keys with subsample)",
     notes="variant='official': h to C/2 and keys/values max-pooled 2x2 (the official code). "
@@ -91,8 +87,7 @@ class SAGANAttention(nn.Module):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"channels: expected a positive count, got {channels}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         official = variant == "official"
         self.channels, self.variant = channels, variant
         self.subsample = official if subsample is None else subsample

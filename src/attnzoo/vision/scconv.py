@@ -12,17 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_variant
 from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["SelfCalibratedConv"]
 
 Variant = Literal["paper", "official"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 def _positive(value: int, name: str) -> None:
@@ -37,7 +33,7 @@ def _positive(value: int, name: str) -> None:
     equation="[X1, X2] = X; T1 = AvgPool_r(X1); X1' = Up(K2(T1)); Y1 = K4(K3(X1) * sigmoid(X1 + X1')); "
     "Y2 = K1(X2); Y = [Y1, Y2], r = 4",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(9 B HW C^2 (3 + 1/r^2) / (4 g)), about 3/4 of a plain 3x3 conv; memory O(B C HW)",
     notes="Up is bilinear as in the paper; variant='official' upsamples by nearest neighbour "
     "(F.interpolate's default in the official code) and feeds the FIRST half to the plain conv K1, "
@@ -100,8 +96,7 @@ class SelfCalibratedConv(nn.Module):
         half = channels // 2
         if half % groups:
             raise ValueError(f"groups: expected a divisor of channels / 2 = {half}, got {groups}")
-        if variant not in ("paper", "official"):
-            raise ValueError(f"variant: expected 'paper' or 'official', got {variant!r}")
+        check_variant(variant)
         self.channels, self.stride, self.pooling_r, self.variant = channels, stride, pooling_r, variant
         factory = {"device": device, "dtype": dtype}
 

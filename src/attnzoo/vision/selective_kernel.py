@@ -13,13 +13,9 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["SelectiveKernel"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 def _positive(value: int, name: str) -> None:
@@ -35,7 +31,7 @@ def _positive(value: int, name: str) -> None:
     "z = ReLU(BN(W GAP(sum_m U_m))), d = max(C/r, L); a_m = softmax_m(A_m z); V = sum_m a_m * U_m",
     # G = 32 is the paper's; narrower test widths get the largest group count dividing them
     make_kwargs=lambda s: {"channels": s.width, "groups": math.gcd(32, s.width)},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(M B HW C C_in 9 / G + B C d (M + 1)); memory O(M B C HW) (the branch outputs)",
     notes="the paper's '5x5' branch is a 3x3 conv with dilation 2 (paper and official Caffe code); "
     "kernel_sizes=(3, 5), dilations=(1, 1) gives true 5x5 kernels as some re-implementations do",

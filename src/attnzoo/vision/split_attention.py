@@ -10,13 +10,9 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["SplitAttention"]
-
-
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
 
 
 def _positive(value: int, name: str) -> None:
@@ -31,7 +27,7 @@ def _positive(value: int, name: str) -> None:
     equation="U_{k,r} = ReLU(BN(conv3x3_{k,r}(X))); s^k = GAP(sum_r U_{k,r}); "
     "a^k_r = softmax_r(G_r(s^k)) (sigmoid if R = 1); V^k = sum_r a^k_r * U_{k,r}; V = [V^1, ..., V^K]",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B HW C C_in R 9 / (K R) + B C d R / K); memory O(R B C HW) (the radix splits)",
     notes="radix-major splits and cardinality-major attention logits, as in the official SplAtConv2d "
     "(its weights load here); the mid width uses the input width, max(C_in * R // 4, 32)",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import SPATIAL_LAYOUTS, check_input
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, image_input, register
 
 __all__ = ["SqueezeExcite", "channel_descriptor"]
 
@@ -27,17 +27,13 @@ def channel_descriptor(x: Tensor, pool: str) -> Tensor:
     raise ValueError(f"pool: expected 'avg' or 'max', got {pool!r}")
 
 
-def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
-    return (example_image(s),)
-
-
 @register(
     "se",
     family="gating",
     paper=Paper("Squeeze-and-Excitation Networks", "1709.01507"),
     equation="y = x * sigmoid(W2 relu(W1 GAP(x) + b1) + b2), W1: C -> C/r, W2: C/r -> C, r = 16",
     make_kwargs=lambda s: {"channels": s.width},
-    make_inputs=_example_inputs,
+    make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r); memory O(B C HW) (the gated output)",
 )
 class SqueezeExcite(nn.Module):
