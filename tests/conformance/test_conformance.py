@@ -278,3 +278,20 @@ def test_onnx_export_runs_in_onnxruntime(spec: ModuleSpec) -> None:
     result = torch.from_numpy(session.run(None, feeds)[0])
     with torch.no_grad():
         assert_close(result, first(module(*run_inputs)), rtol=1e-4, atol=1e-4)
+
+
+def test_non_square_maps(spec: ModuleSpec) -> None:
+    """H != W: catches height and width swapped in a reshape or a relative-position table."""
+    module, inputs = build(spec)
+    x = inputs[0]
+    if spec.channel_dim != 1 or x.dim() != 4 or len(inputs) != 1:
+        pytest.skip("not a single-input (B, C, H, W) module")
+    x = torch.cat([x, x[:, :, :, :3]], dim=3)  # (B, C, H, W) -> (B, C, H, W + 3)
+    module.eval()
+    with torch.no_grad():
+        out = first(module(x))
+        if spec.returns_attn:
+            assert_close(first(module(x, return_attn=True)), out)
+    if spec.shape_preserving:
+        assert out.shape == x.shape
+    assert torch.isfinite(out).all()
