@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import fnmatch
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -175,6 +177,21 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` -> (NAME, {KEY: VALUE}), VALUE read as a Python literal when it is one."""
+    target, sep, raw = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (sep and dot and name and key):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME.KEY=VALUE (e.g. non_local.sub_sample=False), got {text!r}"
+        )
+    try:
+        value: Any = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word: a string option such as gc.pooling=avg
+    return name, {key: value}
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from attnzoo.demos.compare import CompareConfig, comparison_table, run_compare, write_report
 
@@ -191,9 +208,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         limit=args.limit,
         output=args.output,
         threads=args.threads,
+        workers=args.workers,
         device=args.device,
         progress=not args.quiet,
     )
+    for name, options in args.set:
+        config.attention_kwargs.setdefault(name, {}).update(options)
     try:
         results, data, heatmaps = run_compare(config)
     except (ValueError, KeyError) as error:
@@ -320,7 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", "-o", default="reports/compare", help="report folder (default reports/compare)"
     )
-    p.add_argument("--threads", type=_positive)
+    p.add_argument("--threads", type=_positive, help="torch threads in all (default: one per core)")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        help="training runs side by side, each on threads/workers threads (default: one per thread; CPU)",
+    )
+    p.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="a constructor option for one mechanism, repeatable (default: non_local.sub_sample=True)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)

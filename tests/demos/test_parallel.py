@@ -1,0 +1,88 @@
+"""Training runs in parallel worker processes give the results of the same runs in this process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo.cli import _setting, main
+from attnzoo.demos.compare import (
+    CompareConfig,
+    Dataset,
+    _train_run,
+    attention_heatmaps,
+    build_model,
+    load_dataset,
+    run_compare,
+)
+from attnzoo.demos.distributed import DistInfo
+from attnzoo.demos.parallel import plan_workers, run_jobs
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # run_compare sets the count it was given
+
+
+def test_plan_workers_splits_threads_between_jobs():
+    assert plan_workers(jobs=16, threads=2, workers=None) == (2, 1)  # one worker per thread
+    assert plan_workers(jobs=1, threads=2, workers=None) == (1, 2)  # a single run keeps both
+    assert plan_workers(jobs=3, threads=8, workers=None) == (3, 2)
+    assert plan_workers(jobs=16, threads=8, workers=2) == (2, 4)
+    assert plan_workers(jobs=16, threads=1, workers=4) == (4, 1)  # never fewer than one thread
+    with pytest.raises(ValueError, match="workers: expected a positive count, got 0"):
+        plan_workers(jobs=4, threads=2, workers=0)
+
+
+def test_workers_give_the_in_process_result(tmp_path, restore_threads):
+    config = dict(
+        mechanisms=["none", "cbam"], epochs=1, seeds=[0, 1], depth=8, width=4, limit=64,
+        output=str(tmp_path), progress=False, sample_images=2,
+    )  # fmt: skip
+    # two workers of one thread each against one process of one thread: the same runs, bit for bit
+    parallel, _, parallel_maps = run_compare(CompareConfig(**config, threads=2, workers=2))
+    serial, _, serial_maps = run_compare(CompareConfig(**config, threads=1, workers=1))
+    for ours, theirs in zip(parallel, serial, strict=True):
+        assert ours.name == theirs.name
+        assert ours.curves == theirs.curves and ours.losses == theirs.losses
+        assert ours.params == theirs.params and ours.mflops == theirs.mflops
+    torch.testing.assert_close(parallel_maps["cbam"], serial_maps["cbam"], rtol=0, atol=0)
+
+
+def test_a_failing_worker_run_raises_here(restore_threads):
+    config = CompareConfig(
+        mechanisms=["none"], epochs=1, seeds=[0], depth=8, width=4, limit=8, progress=False
+    )
+    data = Dataset(torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), torch.zeros(2, 1, 8, 8),
+                   torch.zeros(2, dtype=torch.long), ["a", "b"], "blank")  # fmt: skip
+
+    class Sink:
+        def update(self, label, *, advance=True):
+            pass
+
+    with pytest.raises(KeyError, match="no_such_mechanism"):
+        run_jobs(_train_run, [("none", 0), ("no_such_mechanism", 0)], shared=(config, data, DistInfo()),
+                 workers=2, threads=1, progress=Sink())  # fmt: skip
+
+
+def test_mechanism_options_reach_the_modules():
+    config = CompareConfig(mechanisms=["non_local"], limit=8)
+    data = load_dataset(config)
+    model = build_model("non_local", config, data)
+    blocks = [m for m in model.modules() if type(m).__name__ == "NonLocalBlock"]
+    assert blocks and all(b.sub_sample for b in blocks)  # the paper's sub-sampling, on by default
+    assert attention_heatmaps(model, data.test_x[:2]).shape == (2, 32, 32)  # maps over pooled keys
+    config.attention_kwargs["non_local"] = {"sub_sample": False}
+    model = build_model("non_local", config, load_dataset(config))
+    assert not any(m.sub_sample for m in model.modules() if type(m).__name__ == "NonLocalBlock")
+
+
+def test_set_option_parsing(capsys):
+    assert _setting("non_local.sub_sample=False") == ("non_local", {"sub_sample": False})
+    assert _setting("eca.kernel_size=5") == ("eca", {"kernel_size": 5})
+    assert _setting("gc.pooling=avg") == ("gc", {"pooling": "avg"})
+    with pytest.raises(SystemExit):
+        main(["compare", "--set", "sub_sample=False"])
+    assert "expected NAME.KEY=VALUE" in capsys.readouterr().err
