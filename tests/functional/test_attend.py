@@ -160,6 +160,11 @@ def test_leading_dims_of_any_rank(qkv):
     # unbatched keys broadcast against batched queries
     out = attend(q, k[0], v[0])
     torch.testing.assert_close(out[0], expected[0])
+    # leading dims that differ on both sides: (2, 1) queries against (1, 3) keys and values
+    q2, k3, v3 = q[:, None], torch.stack([k[0]] * 3)[None], torch.stack([v[0]] * 3)[None]
+    out = attend(q2, k3, v3, mask=torch.ones(5, 7, dtype=torch.bool))
+    assert out.shape == (2, 3, 5, 6)
+    torch.testing.assert_close(out[0, 2], expected[0])
 
 
 def test_fused_path_is_taken_and_no_square_matrix_is_formed():
