@@ -47,6 +47,7 @@ def test_compare_writes_report_plots_and_maps(tmp_path):
     assert [r["name"] for r in saved["results"]] == ["none", "cbam"]
     cbam = results[1]
     assert cbam.params > results[0].params and cbam.mflops > 0 and cbam.latency_ms > 0
+    assert all(r.latency_ms > 0 and r.peak_mib > 0 for r in results)  # the plain network's too
     assert len(cbam.accuracies) == 2 and all(0 <= a <= 1 for a in cbam.accuracies)
 
 

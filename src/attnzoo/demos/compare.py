@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._progress import Progress
-from attnzoo.bench.measure import count_flops, peak_memory, time_call
+from attnzoo.bench.measure import compare_calls, count_flops, peak_memory
 from attnzoo.demos.distributed import (
     DistInfo,
     cleanup_distributed,
@@ -235,22 +235,34 @@ def train_model(
     return core, curve, losses
 
 
-def measure_cost(model: nn.Module, data: Dataset, config: CompareConfig) -> tuple[int, float, float, float]:
-    """Parameters, MFLOPs per image, forward latency (ms) and peak memory (MiB) at latency_batch."""
-    model = model.eval()
-    params = sum(p.numel() for p in model.parameters())
-    device = next(model.parameters()).device
-    one = data.test_x[:1].to(device)
-    batch = data.test_x[: config.latency_batch].to(device)
-
-    def forward(x: Tensor) -> None:
+def _forward(model: nn.Module, x: Tensor) -> Callable[[], None]:
+    def call() -> None:
         with torch.no_grad():
             model(x)
 
-    flops = count_flops(lambda: forward(one))
-    latency = time_call(lambda: forward(batch), warmup=2, repeats=7, device=device).ms
-    peak = peak_memory(lambda: forward(batch), device=device) / 2**20
-    return params, flops / 1e6, latency, peak
+    return call
+
+
+def measure_cost(model: nn.Module, data: Dataset, config: CompareConfig) -> tuple[int, float, float]:
+    """Parameters, MFLOPs per image and forward peak memory (MiB) at ``latency_batch``."""
+    model = model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    flops = count_flops(_forward(model, data.test_x[:1].to(device)))
+    peak = peak_memory(_forward(model, data.test_x[: config.latency_batch].to(device)), device=device)
+    return params, flops / 1e6, peak / 2**20
+
+
+def measure_latency(models: dict[str, nn.Module], data: Dataset, config: CompareConfig) -> dict[str, float]:
+    """Forward latency (ms) of a batch of ``latency_batch``: the median of 7 after warm-up, every
+    network's repeats interleaved with the others' so that the machine's load changes hit all alike
+    (the Δ against the plain network is a ratio within one run)."""
+    calls = {}
+    for name, model in models.items():
+        device = next(model.parameters()).device
+        calls[name] = _forward(model.eval(), data.test_x[: config.latency_batch].to(device))
+    device = next(next(iter(models.values())).parameters()).device
+    return {name: t.ms for name, t in compare_calls(calls, warmup=2, repeats=7, device=device).items()}
 
 
 def spatial_map(maps: Any, image_size: int) -> Tensor | None:
@@ -351,7 +363,7 @@ def run_compare(config: CompareConfig) -> tuple[list[MechanismResult], Dataset, 
         )
         progress.close()
 
-        results, heatmaps = [], {}
+        results, heatmaps, trained = [], {}, {}
         for name in config.mechanisms:
             result = MechanismResult(name)
             for seed in config.seeds:
@@ -363,11 +375,13 @@ def run_compare(config: CompareConfig) -> tuple[list[MechanismResult], Dataset, 
                     torch.manual_seed(seed)
                     model = build_model(name, config, data)
                     model.load_state_dict(run.state)
-                    result.params, result.mflops, result.latency_ms, result.peak_mib = measure_cost(
-                        model, data, config
-                    )
+                    trained[name] = model
+                    result.params, result.mflops, result.peak_mib = measure_cost(model, data, config)
                     heatmaps[name] = attention_heatmaps(model, samples)
             results.append(result)
+        latencies = measure_latency(trained, data, config)
+        for result in results:
+            result.latency_ms = latencies[result.name]
         return results, data, heatmaps
     finally:
         cleanup_distributed(info)
@@ -462,8 +476,8 @@ def write_report(
         f"({len(data.train_y)} training and {len(data.test_y)} test images, {len(data.classes)} classes), "
         f"{config.epochs} epochs, seeds {list(config.seeds)}, AdamW lr {config.lr}, "
         f"batch {config.batch_size}. Latency: forward of a batch of {config.latency_batch} "
-        f"({torch.get_num_threads()} threads), median of 7 "
-        "after warm-up; peak memory: the forward pass's resident-set peak.",
+        f"({torch.get_num_threads()} threads), median of 7 after warm-up, the networks' repeats "
+        "interleaved; peak memory: the forward pass's resident-set peak.",
         "",
         *(
             [f"Mechanism options: {options}. Each mechanism otherwise has its paper's defaults.", ""]
