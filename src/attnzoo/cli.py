@@ -399,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as error:
         print(f"attnzoo: error: {error.args[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("attnzoo: interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command ended by SIGINT
 
 
 if __name__ == "__main__":

@@ -86,3 +86,28 @@ def test_set_option_parsing(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--set", "sub_sample=False"])
     assert "expected NAME.KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_at_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "attnzoo", "compare", "--epochs", "3", "--workers", "2",
+               "--threads", "2", "--limit", "600", "-o", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job ignores it
+    )  # fmt: skip
+    for line in proc.stderr:  # wait until the workers are training
+        if "epoch 1/3" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the CLI and its workers together
+    start = time.perf_counter()
+    _, err = proc.communicate(timeout=60)
+    # an executor would first finish the runs already queued to the workers (tens of seconds)
+    assert time.perf_counter() - start < 10
+    assert proc.returncode == 130 and "attnzoo: interrupted" in err

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import queue as queue_module
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -109,21 +108,23 @@ def run_jobs(
     # spawn, not fork: a forked child of a process whose OpenMP pool has run can deadlock
     context = torch.multiprocessing.get_context("spawn")
     channel = context.Queue()
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads, channel, shared)
-    ) as pool:
-        futures = [pool.submit(_run_in_worker, fn, tuple(job)) for job in jobs]
-        pending = set(futures)
-        try:
-            while pending:
-                _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _forward_updates(channel, progress)
-                for future in futures:
-                    if future.done() and future.exception() is not None:
-                        raise future.exception()  # type: ignore[misc]
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    # multiprocessing's Pool, not concurrent.futures: on an error or Ctrl-C, terminate() stops the
+    # workers at once, where an executor would first finish the runs already queued to them
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(threads, channel, shared))
+    try:
+        pending = [pool.apply_async(_run_in_worker, (fn, tuple(job))) for job in jobs]
+        while not all(result.ready() for result in pending):
+            _forward_updates(channel, progress, wait_s=0.2)
+            for result in pending:
+                if result.ready() and not result.successful():
+                    result.get()  # raises the worker's exception here
         # a worker's queue is flushed by a background thread, possibly after its result arrived
         _forward_updates(channel, progress, wait_s=0.1)
-        return [future.result() for future in futures]
+        results = [result.get() for result in pending]
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+    return results
