@@ -13,28 +13,19 @@ their jobs one after another in every rank.
 
 from __future__ import annotations
 
-import os
 import queue as queue_module
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
 
-__all__ = ["ProgressSink", "available_cores", "plan_workers", "run_jobs"]
+__all__ = ["ProgressSink", "plan_workers", "run_jobs"]
 
 Result = TypeVar("Result")
 
 
 class ProgressSink(Protocol):
     def update(self, label: str, *, advance: bool = True) -> None: ...
-
-
-def available_cores() -> int:
-    """The cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def plan_workers(jobs: int, threads: int, workers: int | None) -> tuple[int, int]:
