@@ -2,7 +2,7 @@
 
 The demos' networks are small: a training step of the `compare` ResNet is a few milliseconds of
 convolutions on tiny channel counts, which do not spread well over threads. Two processes with one
-thread each finish about 1.4x more steps than one process with two threads (measured on the 2-core
+thread each finish 1.3-1.4x more steps than one process with two threads (measured on the 2-core
 development machine), so independent runs (mechanism x seed) go to a pool of spawned workers.
 A run's result does not depend on which worker ran it or in what order: each run seeds itself and
 every worker has the same number of threads.
