@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import attnzoo
 from attnzoo.registry import ModuleSpec
+from attnzoo.testing import randomize_
 
 NAMES = attnzoo.list_modules()
 #: inductor compiles cost 10-15 s each here: a few representative modules only.
@@ -40,21 +41,13 @@ def tensors_in(obj: object) -> list[Tensor]:
     return []
 
 
-def perturb_parameters(module: nn.Module, seed: int = 0) -> None:
-    """Move every parameter off its initial value, so zero-initialised gates (gamma = 0, zero
-    last convs) do not hide whether gradients reach the parameters before them."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
-            p.add_(0.1 * noise.to(p.dtype))
-
-
 def build(spec: ModuleSpec, seed: int = 0, **size_overrides) -> tuple[nn.Module, tuple[Tensor, ...]]:
     torch.manual_seed(seed)
     sizes = spec.sizes(**size_overrides)
     module = spec.build(sizes)
-    perturb_parameters(module, seed)
+    # off the initial values, so that zero-initialised gates (gamma = 0, zero last convs) do not
+    # hide whether gradients reach the parameters before them
+    randomize_(module, seed=seed, scale=0.1, shift=True)
     return module, spec.example_inputs(sizes)
 
 

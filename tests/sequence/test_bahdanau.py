@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import attnzoo
 from attnzoo.sequence.bahdanau import BahdanauAttention
+from attnzoo.testing import randomize_
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-def perturbed(module: BahdanauAttention, seed: int = 0) -> BahdanauAttention:
-    """Move off the paper init (v_a = 0 gives uniform weights, which would hide a wrong score)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
-    return module
+# off the paper init: v_a = 0 gives uniform weights, which would hide a wrong score
+perturbed = partial(randomize_, scale=1.0)
 
 
 def loop_reference(module, s_prev, h, key_mask=None):

@@ -3,21 +3,19 @@ softmax per glimpse, residual glimpses), the official variant, masks and numeric
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import attnzoo
 from attnzoo.sequence.bilinear_attention import BilinearAttention, joint_softmax
+from attnzoo.testing import randomize_
 
 B, NX, NY, DX, DY, K, G = 2, 4, 5, 6, 7, 8, 3
 
 
-def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
+perturbed = partial(randomize_, scale=0.1, shift=True)
 
 
 def build(**kwargs) -> BilinearAttention:

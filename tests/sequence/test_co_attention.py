@@ -4,22 +4,20 @@ the gate, and numerics."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnzoo
 from attnzoo.sequence.co_attention import CoAttention
+from attnzoo.testing import randomize_
 
 B, C, HA, WA, HB, WB = 2, 6, 3, 4, 5, 2
 
 
-def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
+perturbed = partial(randomize_, scale=0.1, shift=True)
 
 
 def build(**kwargs) -> CoAttention:

@@ -5,22 +5,19 @@ no hard-coded 6 x 6."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 import attnzoo
 from attnzoo.sequence.cross_attention_module import CrossAttentionModule
+from attnzoo.testing import randomize_
 
 B, C = 2, 5
 
 
-def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
+perturbed = partial(randomize_, scale=0.1, shift=True)
 
 
 def build(size=(6, 6), **kwargs) -> CrossAttentionModule:

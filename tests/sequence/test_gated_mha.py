@@ -11,6 +11,7 @@ import torch
 import attnzoo
 from attnzoo.sequence.gated_mha import GatedMultiheadAttention
 from attnzoo.sequence.mha import MultiheadAttention
+from attnzoo.testing import randomize_
 
 B, NQ, NK, E, H = 2, 5, 7, 16, 4
 D = E // H
@@ -20,9 +21,8 @@ LOW, HIGH, BETA = -0.1, 1.1, 0.33
 def perturbed(seed: int = 0, **kwargs) -> GatedMultiheadAttention:
     torch.manual_seed(seed)
     module = GatedMultiheadAttention(E, H, dtype=torch.float64, **kwargs)
+    randomize_(module, seed=seed, scale=0.1, shift=True)
     with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
         module.log_alpha.copy_(torch.tensor([-4.0, 0.0, 1.0, 4.0]))  # closed, mid, mid, open
     return module.eval()
 

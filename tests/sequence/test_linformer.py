@@ -13,6 +13,7 @@ import attnzoo
 from attnzoo.bench import count_flops
 from attnzoo.sequence.linformer import Linformer, LinformerProjection
 from attnzoo.sequence.mha import MultiheadAttention
+from attnzoo.testing import randomize_
 
 B, N, E, H, K = 2, 12, 16, 4, 5
 SHARINGS = ["none", "headwise", "kv", "layerwise"]
@@ -22,9 +23,7 @@ def perturbed(seed: int = 0, **kwargs) -> Linformer:
     torch.manual_seed(seed)
     kwargs = {"proj_dim": K, **kwargs}
     module = Linformer(E, H, N, dtype=torch.float64, **kwargs)
-    with torch.no_grad():  # zero biases would hide where the bias enters
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize_(module, seed=seed, scale=0.1, shift=True)  # zero biases would hide where the bias enters
     return module.eval()
 
 

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 import attnzoo
 from attnzoo.sequence.luong import LuongAttention, LuongLocalAttention
+from attnzoo.testing import randomize_
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-def perturbed(module, seed: int = 0, scale: float = 0.5):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=generator))
-    return module
+perturbed = partial(randomize_, scale=0.5)
 
 
 def score_fn(module):

@@ -10,6 +10,7 @@ import torch
 
 import attnzoo
 from attnzoo.sequence.sha import SingleHeadAttention
+from attnzoo.testing import randomize_
 
 B, NQ, NK, D = 2, 5, 9, 12
 
@@ -17,9 +18,8 @@ B, NQ, NK, D = 2, 5, 9, 12
 def perturbed(variant: str = "paper", seed: int = 0, **kwargs) -> SingleHeadAttention:
     torch.manual_seed(seed)
     module = SingleHeadAttention(D, variant=variant, dtype=torch.float64, **kwargs)
-    with torch.no_grad():  # gates at 0 and LayerNorm at (1, 0) would hide mistakes
-        for p in module.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    # gates at 0 and LayerNorm at (1, 0) would hide mistakes
+    randomize_(module, seed=seed, scale=0.3, shift=True)
     return module.eval()
 
 

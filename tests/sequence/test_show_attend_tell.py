@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -12,16 +14,12 @@ from attnzoo.sequence.show_attend_tell import (
     doubly_stochastic_penalty,
     hard_attention_loss,
 )
+from attnzoo.testing import randomize_
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-def perturbed(module, seed: int = 0, scale: float = 0.5):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=generator))
-    return module
+perturbed = partial(randomize_, scale=0.5)
 
 
 @torch.no_grad()

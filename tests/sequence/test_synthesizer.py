@@ -11,6 +11,7 @@ import torch
 
 import attnzoo
 from attnzoo.sequence.synthesizer import Synthesizer
+from attnzoo.testing import randomize_
 
 B, L, E, H = 2, 12, 16, 2
 D = E // H
@@ -19,9 +20,8 @@ D = E // H
 def perturbed(synthesizer: str = "dense", seed: int = 0, **kwargs) -> Synthesizer:
     torch.manual_seed(seed)
     module = Synthesizer(E, L, H, synthesizer=synthesizer, dtype=torch.float64, **kwargs)
-    with torch.no_grad():  # equal mixture weights and zero biases would hide mistakes
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    # equal mixture weights and zero biases would hide mistakes
+    randomize_(module, seed=seed, scale=0.2, shift=True)
     return module.eval()
 
 

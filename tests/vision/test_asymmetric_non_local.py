@@ -6,42 +6,17 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.asymmetric_non_local import AsymmetricNonLocal
 
 F64 = torch.float64
 
 
-class LargestBuffer(TorchDispatchMode):
-    """Records the largest storage (in elements) any op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def randomised(module: AsymmetricNonLocal, seed: int = 0) -> AsymmetricNonLocal:
     """Random weights everywhere (W_o included) and non-trivial BatchNorm statistics; eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=F64) * 0.5)
-        for name, buf in module.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=generator, dtype=F64) * 0.2)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=generator, dtype=F64) + 0.5)
-    return module.eval()
+    return randomize_(module, seed=seed, scale=0.5, norm_statistics=True).eval()
 
 
 def conv1x1(conv, x):
@@ -201,7 +176,7 @@ def test_large_logits_stay_finite():
 def test_no_hw_by_hw_matrix():
     module = AsymmetricNonLocal(16).eval()
     side = 24
-    with torch.no_grad(), LargestBuffer() as probe:
+    with torch.no_grad(), OpRecorder() as probe:
         module(torch.randn(1, 16, side, side))
     # anchors keep the affinity at HW x 110; the fused kernel does not even form that
-    assert probe.largest < side * side * 110
+    assert probe.largest_storage < side * side * 110

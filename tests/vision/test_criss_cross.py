@@ -5,36 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.criss_cross import CrissCrossAttention, criss_cross_attention
 
 F64 = torch.float64
 
 
-class LargestBuffer(TorchDispatchMode):
-    """Records the largest storage (in elements) any op produces: catches a materialised HW x HW."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def randomised(module: torch.nn.Module, seed: int = 0, gamma: float = 0.7) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=F64) * 0.5)
-        if getattr(module, "gamma", None) is not None:
+    randomize_(module, seed=seed, scale=0.5)
+    if getattr(module, "gamma", None) is not None:
+        with torch.no_grad():
             module.gamma.fill_(gamma)
     return module
 
@@ -154,10 +136,10 @@ def test_no_hw_by_hw_matrix():
     module = CrissCrossAttention(16, recurrence=1).eval()
     side = 16
     x = torch.randn(1, 16, side, side)
-    with torch.no_grad(), LargestBuffer() as probe:
+    with torch.no_grad(), OpRecorder() as probe:
         module(x)
-    assert probe.largest <= side * side * 2 * side  # O(HW (H + W)), not (HW)^2 = 65536
-    assert probe.largest < (side * side) ** 2 // 4
+    assert probe.largest_storage <= side * side * 2 * side  # O(HW (H + W)), not (HW)^2 = 65536
+    assert probe.largest_storage < (side * side) ** 2 // 4
 
 
 def test_functional_form_on_tiny_maps():

@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.feature_bank import FeatureBankOperator
 
 F64 = torch.float64
 
 
-class LargestBuffer(TorchDispatchMode):
-    """Records the largest storage (in elements) any op produces: catches a materialised N x M."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def randomised(module: FeatureBankOperator, seed: int = 0) -> FeatureBankOperator:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=F64) * 0.3)
-    return module.eval()
+    return randomize_(module, seed=seed, scale=0.3).eval()
 
 
 def linear(layer, x):
@@ -163,6 +143,6 @@ def test_large_logits_and_half_precision():
 def test_no_window_by_bank_matrix():
     module = FeatureBankOperator(16, inner_channels=16).eval()
     n, m = 64, 2048
-    with torch.no_grad(), LargestBuffer() as probe:
+    with torch.no_grad(), OpRecorder() as probe:
         module(torch.randn(1, n, 16), torch.randn(1, m, 16))
-    assert probe.largest < n * m // 2  # the bank itself is m * 16 = n * m / 4
+    assert probe.largest_storage < n * m // 2  # the bank itself is m * 16 = n * m / 4

@@ -6,35 +6,17 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.generalized_attention import GeneralizedAttention, relative_position_embedding
 
 F64 = torch.float64
 
 
-class LargestBuffer(TorchDispatchMode):
-    """Records the largest storage (in elements) any op produces: catches a materialised matrix."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def randomised(module: GeneralizedAttention, seed: int = 0, gamma: float = 0.7) -> GeneralizedAttention:
-    generator = torch.Generator().manual_seed(seed)
+    randomize_(module, seed=seed, scale=0.4)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=F64) * 0.4)
         module.gamma.fill_(gamma)
     return module.eval()
 
@@ -199,12 +181,12 @@ def test_no_query_by_key_matrix_without_maps(attention_type):
     side = 24
     x = torch.randn(1, 8, side, side)
     one_head = (side * side) ** 2  # the E2/E4 parts are O(HW (H' + W')): 2 * 576 * 52 < this / 4
-    with torch.no_grad(), LargestBuffer() as probe:
+    with torch.no_grad(), OpRecorder() as probe:
         module(x)
-    assert probe.largest < one_head // 4
-    with torch.no_grad(), LargestBuffer() as probe:
+    assert probe.largest_storage < one_head // 4
+    with torch.no_grad(), OpRecorder() as probe:
         module(x, return_attn=True)
-    assert probe.largest >= one_head  # the maps themselves: the probe does see such matrices
+    assert probe.largest_storage >= one_head  # the maps themselves: the probe does see such matrices
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 import attnzoo
 from attnzoo.registry import Sizes
+from attnzoo.testing import randomize_
 from attnzoo.vision.selective_kernel import SelectiveKernel
 
 
@@ -52,19 +54,8 @@ def ref_bn(x: Tensor, bn: nn.BatchNorm1d | nn.BatchNorm2d, train: bool) -> Tenso
     return normed * bn.weight.view(shape) + bn.bias.view(shape)
 
 
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BN statistics, so no term of the equation is trivially zero or one."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-            p.copy_(1 + 0.2 * noise if "weight" in name and p.dim() == 1 else 0.3 * noise)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g, dtype=torch.float64))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=torch.float64))
-    return module
+# random weights and BN statistics, so no term of the equation is trivially zero or one
+randomize = partial(randomize_, scale=0.3, norm_statistics=True)
 
 
 def reference(module: SelectiveKernel, x: Tensor, train: bool = False) -> tuple[Tensor, Tensor]:

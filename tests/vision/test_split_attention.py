@@ -4,6 +4,7 @@ official layout made explicit: radix-major splits, cardinality-major attention l
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnzoo
+from attnzoo.testing import randomize_
 from attnzoo.vision.split_attention import SplitAttention
 
 
@@ -48,18 +50,8 @@ def ref_bn(x: Tensor, bn: nn.BatchNorm2d, channels: slice, train: bool) -> Tenso
     return normed * bn.weight[channels].view(shape) + bn.bias[channels].view(shape)
 
 
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-            p.copy_(1 + 0.2 * noise if "bn" in name and name.endswith("weight") else 0.3 * noise)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g, dtype=torch.float64))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=torch.float64))
-    return module
+# random weights and BN statistics, so no term of the equation is trivially zero or one
+randomize = partial(randomize_, scale=0.3, norm_statistics=True)
 
 
 def reference(
