@@ -90,9 +90,10 @@ def test_spatial_map_understands_each_layout():
     assert spatial_map(torch.softmax(torch.rand(2, 16, 16), -1), 8).shape == (2, 8, 8)  # pairwise
     # sub-sampled keys (non-local's pooled phi): 64 queries on 8x8, 16 keys on 4x4
     keys = torch.zeros(1, 64, 16)
-    keys[..., 5] = 1.0  # every query attends to key (1, 1) of the 4x4 grid
+    keys[..., 6] = 1.0  # every query attends to key (row 1, column 2) of the 4x4 grid
     heat = spatial_map(keys, 8)
-    assert heat.shape == (1, 8, 8) and heat[0, 2:4, 2:4].min() > heat[0, 6:, 6:].max()
+    # on the 8x8 image: rows 2-3, columns 4-5; rows and columns swapped would light (4-5, 2-3)
+    assert heat.shape == (1, 8, 8) and heat[0, 2:4, 4:6].min() > heat[0, 4:6, 2:4].max()
     assert spatial_map(torch.rand(2, 1, 16), 8).shape == (2, 8, 8)  # pooling weights
 
 
