@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["SPATIAL_LAYOUTS", "check_input", "check_mask", "check_variant"]
+__all__ = ["SPATIAL_LAYOUTS", "check_device", "check_input", "check_mask", "check_variant"]
 
 #: Feature maps with 1, 2 or 3 spatial dims: sequences of features, images, videos (T, H, W).
 SPATIAL_LAYOUTS = ("B C L", "B C H W", "B C T H W")
@@ -62,15 +62,25 @@ def check_input(
             )
 
 
-def check_mask(mask: object, name: str, target: Sequence[int]) -> None:
-    """Check that ``mask`` is boolean (True = may attend) or floating (additive) and broadcasts.
+def check_device(t: torch.Tensor, name: str, device: torch.device | None) -> None:
+    """Check that ``t`` lives on ``device`` (the input's), or raise naming both; None skips."""
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the input's device), got one on {t.device}")
+
+
+def check_mask(
+    mask: object, name: str, target: Sequence[int], device: torch.device | None = None
+) -> None:
+    """Check that ``mask`` is boolean (True = may attend) or floating (additive), broadcasts to
+    ``target`` and, when ``device`` is given, lives on that device.
 
     Raises:
         TypeError: ``mask`` is not a tensor, or neither bool nor floating.
-        ValueError: ``mask`` does not broadcast to ``target``.
+        ValueError: ``mask`` does not broadcast to ``target``, or is on another device.
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    check_device(mask, name, device)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"{name}: expected a bool mask (True = may attend) or a floating additive mask, got {mask.dtype}"

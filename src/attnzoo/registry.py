@@ -19,8 +19,11 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "MAP_KINDS",
+    "PLACEMENTS",
     "ModuleSpec",
     "Paper",
+    "Sample",
     "Sizes",
     "create",
     "example_image",
@@ -34,6 +37,20 @@ __all__ = [
 
 #: The families a spec may belong to (the catalog's sections).
 FAMILIES = ("sequence", "gating", "non_local", "conv_attention", "graph")
+
+#: Where an image mechanism goes in a ResNet (read by ``models.resnet``, ``attach``, ``compare``):
+#: ``"residual"`` on the residual branch before the addition (SE, CBAM, ...), ``"stage"`` between
+#: stages (BAM, standalone blocks with their own residual connection: non-local, DANet, ...),
+#: ``"conv"`` replacing the 3x3 convolution (SK, split attention, SASA, ...), ``"head"`` on the
+#: last stage of a segmentation network (PSA, APCNet, ...); None for non-image mechanisms.
+PLACEMENTS = ("residual", "stage", "conv", "head")
+
+#: What ``forward(..., return_attn=True)`` returns as maps (read by ``show``, ``compare``, ``viz``):
+#: ``pairwise`` (B, [h,] N_q, N_k) over positions, ``spatial`` (B, [k,] H, W) gates or pooling
+#: weights, ``channel`` (B, C, 1, 1) gates, ``criss_cross`` (B, H, W, H + W - 1), ``local``
+#: (B, [h,] H, W, k*k) window weights, ``alignment`` (B, N_out, N_in) seq2seq weights,
+#: ``edges`` (E,) or (E, h) per-edge weights, ``mixed`` a dict of several kinds; None: no maps.
+MAP_KINDS = ("pairwise", "spatial", "channel", "criss_cross", "local", "alignment", "edges", "mixed")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,37 @@ class Sizes:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One configuration of a mechanism in the test database (the model: torch's ModuleInput).
+
+    Every registered spec has a ``"default"`` sample (its ``make_kwargs`` and ``make_inputs``);
+    ``samples=`` adds one per variant, input form and mask kind. The conformance suite runs every
+    sample through every property.
+
+    Attributes:
+        name: short id, unique within the spec (``"key_mask"``, ``"causal"``, ``"variant=official"``).
+        kwargs: constructor kwargs merged over ``make_kwargs(sizes)`` (a value may also be a
+            callable ``Sizes -> value`` for size-dependent options).
+        inputs: ``Sizes -> positional inputs``; None uses the spec's ``make_inputs``.
+        forward_kwargs: ``(Sizes, inputs) -> forward kwargs`` (masks built for those inputs), or
+            None. A bool mask must keep at least one key per query unless the sample is about
+            fully masked rows.
+        reference: ``(module, inputs, forward_kwargs) -> expected output``, an independent float64
+            computation, or None.
+        skips: property name -> why it does not apply to this sample.
+        description: one line for test ids and reports.
+    """
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Callable[[Sizes], tuple[torch.Tensor, ...]] | None = None
+    forward_kwargs: Callable[[Sizes, tuple[torch.Tensor, ...]], dict[str, Any]] | None = None
+    reference: Callable[..., torch.Tensor] | None = None
+    skips: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class ModuleSpec:
     """Everything generic code needs to know about one registered mechanism.
 
@@ -93,6 +141,9 @@ class ModuleSpec:
         exportable: ``torch.export`` / ONNX are expected to work (False needs a reason in
             ``notes``).
         notes: deviations and official-code options worth knowing.
+        samples: extra :class:`Sample` configurations beyond the default one.
+        placement: one of :data:`PLACEMENTS` for image mechanisms, None otherwise.
+        map_kind: one of :data:`MAP_KINDS` (None when ``returns_attn`` is False).
     """
 
     name: str
@@ -111,6 +162,40 @@ class ModuleSpec:
     cost: str = ""
     exportable: bool = True
     notes: str = ""
+    samples: tuple[Sample, ...] = ()
+    placement: str | None = None
+    map_kind: str | None = None
+
+    def all_samples(self) -> tuple[Sample, ...]:
+        """The default sample followed by the declared ones."""
+        return (Sample("default"), *self.samples)
+
+    def sample(self, name: str) -> Sample:
+        """The sample called ``name``."""
+        for sample in self.all_samples():
+            if sample.name == name:
+                return sample
+        raise KeyError(f"{self.name}: no sample {name!r}; have {[s.name for s in self.all_samples()]}")
+
+    def sample_kwargs(self, sample: Sample, sizes: Sizes | None = None) -> dict[str, Any]:
+        """Constructor kwargs of ``sample`` at ``sizes`` (callable values resolved)."""
+        sizes = sizes or self.default_sizes
+        extra = {k: (v(sizes) if callable(v) else v) for k, v in sample.kwargs.items()}
+        return {**self.make_kwargs(sizes), **extra}
+
+    def build_sample(self, sample: Sample, sizes: Sizes | None = None) -> nn.Module:
+        """Construct the module of ``sample`` at ``sizes``."""
+        sizes = sizes or self.default_sizes
+        return self.cls(**self.sample_kwargs(sample, sizes), device=sizes.device, dtype=sizes.dtype)
+
+    def sample_inputs(
+        self, sample: Sample, sizes: Sizes | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """Positional inputs and forward kwargs of ``sample`` at ``sizes``."""
+        sizes = sizes or self.default_sizes
+        inputs = (sample.inputs or self.make_inputs)(sizes)
+        kwargs = sample.forward_kwargs(sizes, inputs) if sample.forward_kwargs else {}
+        return inputs, kwargs
 
     @property
     def num_inputs(self) -> int:
@@ -157,6 +242,13 @@ def register(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r} for {name!r}")
+    if flags.get("placement") not in (None, *PLACEMENTS):
+        raise ValueError(f"placement must be one of {PLACEMENTS} or None, got {flags['placement']!r}")
+    if flags.get("map_kind") not in (None, *MAP_KINDS):
+        raise ValueError(f"map_kind must be one of {MAP_KINDS} or None, got {flags['map_kind']!r}")
+    sample_names = [s.name for s in flags.get("samples", ())]
+    if "default" in sample_names or len(set(sample_names)) != len(sample_names):
+        raise ValueError(f"{name}: sample names must be unique and not 'default', got {sample_names}")
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY:

@@ -30,7 +30,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "co_attention",
-    family="sequence",
+    family="non_local",
     paper=Paper(
         "See More, Know More: Unsupervised Video Object Segmentation With Co-Attention Siamese Networks",
         venue="CVPR 2019",

@@ -28,7 +28,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "cross_attention_module",
-    family="sequence",
+    family="non_local",
     paper=Paper("Cross Attention Network for Few-shot Classification", venue="NeurIPS 2019"),
     equation="R^p_ij = cos(P_i, Q_j); w = W2 relu(W1 mean_i R^p_i:) (m -> m/6 -> m); "
     "A^p_i = softmax_i(mean_j(R^p_ij w_j) / tau) , tau = 0.025; P' = P * (1 + A^p); same for Q",

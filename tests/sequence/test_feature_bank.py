@@ -7,7 +7,7 @@ import torch
 
 import attnzoo
 from attnzoo.testing import OpRecorder, randomize_
-from attnzoo.vision.feature_bank import FeatureBankOperator
+from attnzoo.sequence.feature_bank import FeatureBankOperator
 
 F64 = torch.float64
 

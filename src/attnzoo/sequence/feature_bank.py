@@ -80,7 +80,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "feature_bank",
-    family="non_local",
+    family="sequence",
     paper=Paper("Long-Term Feature Banks for Detailed Video Understanding", "1812.05038"),
     equation="FBO-NL: S^(l) = S^(l-1) + Dropout(W_out ReLU(LN(softmax(theta(S^(l-1)) phi(L)^T / sqrt(d)) "
     "g(L)))), l = 1, 2, with S^(0) and L reduced to d = 512; FBO-Avg/Max: pool L over the bank",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.sequence.cross_attention_module import CrossAttentionModule
+from attnzoo.vision.cross_attention_module import CrossAttentionModule
 from attnzoo.testing import randomize_
 
 B, C = 2, 5

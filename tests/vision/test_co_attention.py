@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.sequence.co_attention import CoAttention
+from attnzoo.vision.co_attention import CoAttention
 from attnzoo.testing import randomize_
 
 B, C, HA, WA, HB, WB = 2, 6, 3, 4, 5, 2
