@@ -10,12 +10,21 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["FORMATS", "CharVocab", "DatePairs", "date_pairs"]
+__all__ = [
+    "FORMATS",
+    "TEMPLATES",
+    "CharVocab",
+    "DatePairs",
+    "GoldAlignment",
+    "date_pairs",
+    "gold_alignment",
+    "render",
+]
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]  # fmt: skip
@@ -27,22 +36,111 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-#: Human formats: each turns a date into a string. Slashes are month-first (US order) and dots
-#: day-first, so every source string has exactly one reading.
-FORMATS: tuple[Callable[[dt.date], str], ...] = (
-    lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
-    lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
-    lambda d: f"{MONTHS[d.month - 1][:3]} {d.day} {d.year}",
-    lambda d: f"{d.day:02d}.{d.month:02d}.{d.year}",
-    lambda d: f"{d.month}/{d.day}/{d.year}",
-    lambda d: f"{d.month:02d}/{d.day:02d}/{d.year}",
-    lambda d: f"{DAYS[d.weekday()]}, {MONTHS[d.month - 1]} {d.day}, {d.year}",
-    lambda d: f"{DAYS[d.weekday()][:3]} {d.day} {MONTHS[d.month - 1][:3]} {d.year}",
-    lambda d: f"the {_ordinal(d.day)} of {MONTHS[d.month - 1]} {d.year}",
-    lambda d: f"{_ordinal(d.day)} {MONTHS[d.month - 1].lower()} {d.year}",
-    lambda d: f"{d.year}/{d.month}/{d.day}",
-    lambda d: f"{d.day} {MONTHS[d.month - 1][:3].upper()} {d.year}",
+#: Fields a format is built from: name -> (which ISO part it writes, how it renders a date).
+#: Knowing where each field lands in the source string gives the gold alignment for free.
+_FIELDS: dict[str, tuple[str, Callable[[dt.date], str]]] = {
+    "yyyy": ("year", lambda d: f"{d.year}"),
+    "m": ("month", lambda d: f"{d.month}"),
+    "mm": ("month", lambda d: f"{d.month:02d}"),
+    "Month": ("month", lambda d: MONTHS[d.month - 1]),
+    "month": ("month", lambda d: MONTHS[d.month - 1].lower()),
+    "Mon": ("month", lambda d: MONTHS[d.month - 1][:3]),
+    "MON": ("month", lambda d: MONTHS[d.month - 1][:3].upper()),
+    "d": ("day", lambda d: f"{d.day}"),
+    "dd": ("day", lambda d: f"{d.day:02d}"),
+    "dth": ("day", lambda d: _ordinal(d.day)),
+    "Weekday": ("weekday", lambda d: DAYS[d.weekday()]),
+    "Wkd": ("weekday", lambda d: DAYS[d.weekday()][:3]),
+}
+
+#: Human formats as sequences of field names (in braces) and literal text. Slashes are
+#: month-first (US order) and dots day-first, so every source string has exactly one reading.
+TEMPLATES: tuple[tuple[str, ...], ...] = (
+    ("{d}", " ", "{Month}", " ", "{yyyy}"),
+    ("{Month}", " ", "{d}", ", ", "{yyyy}"),
+    ("{Mon}", " ", "{d}", " ", "{yyyy}"),
+    ("{dd}", ".", "{mm}", ".", "{yyyy}"),
+    ("{m}", "/", "{d}", "/", "{yyyy}"),
+    ("{mm}", "/", "{dd}", "/", "{yyyy}"),
+    ("{Weekday}", ", ", "{Month}", " ", "{d}", ", ", "{yyyy}"),
+    ("{Wkd}", " ", "{d}", " ", "{Mon}", " ", "{yyyy}"),
+    ("the ", "{dth}", " of ", "{Month}", " ", "{yyyy}"),
+    ("{dth}", " ", "{month}", " ", "{yyyy}"),
+    ("{yyyy}", "/", "{m}", "/", "{d}"),
+    ("{d}", " ", "{MON}", " ", "{yyyy}"),
 )
+
+
+def render(date: dt.date, template: Sequence[str]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The text of ``date`` in ``template`` and the [start, end) span of each ISO part in it."""
+    text, spans = "", {}
+    for part in template:
+        if part.startswith("{") and part.endswith("}"):
+            iso_part, fmt = _FIELDS[part[1:-1]]
+            piece = fmt(date)
+            spans[iso_part] = (len(text), len(text) + len(piece))
+            text += piece
+        else:
+            text += part
+    return text, spans
+
+
+def _formatter(template: Sequence[str]) -> Callable[[dt.date], str]:
+    return lambda d: render(d, template)[0]
+
+
+#: Human formats: each turns a date into a string (the templates rendered).
+FORMATS: tuple[Callable[[dt.date], str], ...] = tuple(_formatter(t) for t in TEMPLATES)
+
+#: Target (ISO ``YYYY-MM-DD``) character positions of each part.
+_ISO_POSITIONS = {"year": range(0, 4), "month": range(5, 7), "day": range(8, 10)}
+
+
+def gold_alignment(date: dt.date, template: Sequence[str]) -> GoldAlignment:
+    """Which source characters produce each character of ``date.isoformat()`` + ``</s>``.
+
+    Sure links (S) and possible links (P, with S a subset of P) as in Och and Ney (2003), between
+    target position t (0..9 the ISO characters, 10 its ``</s>``) and source position s (0..len-1
+    the characters, len its ``</s>``):
+
+    - each year digit is sure-linked to the same digit in the source;
+    - a numeric month or day written with as many digits as the ISO part: digit to digit (sure);
+      written with one digit ("3"): the ISO leading "0" is possible-linked to it, the digit sure;
+    - a month or day written in words ("March", "3rd"): both ISO digits are possible-linked to
+      every character of the word (which character carries it is a matter of convention), and the
+      digits of an ordinal ("3" of "3rd") are sure-linked as for numbers;
+    - the hyphens are possible-linked to the separators between the fields, ``</s>`` sure-linked
+      to the source's ``</s>``; a weekday produces nothing.
+    """
+    source, spans = render(date, template)
+    iso = date.isoformat()
+    sure: set[tuple[int, int]] = set()
+    possible: set[tuple[int, int]] = set()
+    for part, targets in _ISO_POSITIONS.items():
+        start, end = spans[part]
+        digits = [s for s in range(start, end) if source[s].isdigit()]
+        if len(digits) == len(targets):
+            sure.update(zip(targets, digits))
+        elif digits:
+            # one digit for a two-digit ISO part: it is the ISO part's second digit
+            sure.add((targets[-1], digits[-1]))
+            possible.add((targets[0], digits[-1]))
+        if len(digits) != end - start:  # a word ("March") or an ordinal's suffix ("rd")
+            possible.update((t, s) for t in targets for s in range(start, end))
+    fields = {s for start, end in spans.values() for s in range(start, end)}
+    separators = [s for s in range(len(source)) if s not in fields and not source[s].isalnum()]
+    possible.update((t, s) for t, c in enumerate(iso) if c == "-" for s in separators)
+    sure.add((len(iso), len(source)))
+    return GoldAlignment(frozenset(sure), frozenset(sure | possible))
+
+
+@dataclass(frozen=True)
+class GoldAlignment:
+    """Sure and possible (target position, source position) links; ``sure`` is within ``possible``."""
+
+    sure: frozenset[tuple[int, int]]
+    possible: frozenset[tuple[int, int]]
+
 
 PAD, BOS, EOS = 0, 1, 2
 _SPECIALS = ("<pad>", "<s>", "</s>")
@@ -93,6 +191,8 @@ class DatePairs:
     test_targets: list[str]
     source_vocab: CharVocab
     target_vocab: CharVocab
+    #: gold alignment of each test pair (target position, source position), ``</s>`` included
+    test_alignments: list[GoldAlignment] = field(default_factory=list)
 
 
 def date_pairs(n_train: int = 6000, n_test: int = 500, *, seed: int = 0) -> DatePairs:
@@ -100,14 +200,16 @@ def date_pairs(n_train: int = 6000, n_test: int = 500, *, seed: int = 0) -> Date
     rng = random.Random(seed)
     start = dt.date(1950, 1, 1).toordinal()
     end = dt.date(2049, 12, 31).toordinal()
-    sources, targets = [], []
+    sources, targets, alignments = [], [], []
     for _ in range(n_train + n_test):
         date = dt.date.fromordinal(rng.randint(start, end))
-        sources.append(rng.choice(FORMATS)(date))
+        template = rng.choice(TEMPLATES)
+        sources.append(render(date, template)[0])
         targets.append(date.isoformat())
+        alignments.append(gold_alignment(date, template))
     all_months = [f(dt.date(2000, m, 28)) for f in FORMATS for m in range(1, 13)]
     all_days = [f(dt.date(2024, 1, d)) for f in FORMATS for d in range(1, 8)]
     source_vocab = CharVocab(sources + all_months + all_days)
     target_vocab = CharVocab([*"0123456789-"])
     return DatePairs(sources[:n_train], targets[:n_train], sources[n_train:], targets[n_train:],
-                     source_vocab, target_vocab)  # fmt: skip
+                     source_vocab, target_vocab, alignments[n_train:])  # fmt: skip
