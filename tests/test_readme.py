@@ -1,4 +1,5 @@
-"""The README: its catalog table is generated and current; CI runs its test command."""
+"""The README: its catalog table is generated and current, its sections are the registry's families;
+CI runs its test command."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import re
 from pathlib import Path
 
 import attnzoo
-from attnzoo.catalog import CATALOG, END_MARKER, START_MARKER, update_readme
+from attnzoo.catalog import CATALOG, END_MARKER, FAMILY_TITLES, START_MARKER, update_readme
+from attnzoo.registry import FAMILIES, get_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -19,6 +21,36 @@ def table_rows() -> dict[str, str]:
 
 def test_catalog_table_is_up_to_date():
     assert update_readme(README) == README, "run: python scripts/gen_catalog.py"
+    site_copy = (ROOT / "docs" / "catalog.md").read_text()
+    assert update_readme(site_copy, docs_prefix="") == site_copy, "run: python scripts/gen_catalog.py"
+
+
+def sections() -> dict[str, list[str]]:
+    """Section title -> the names listed under it, in README order."""
+    table = README[README.index(START_MARKER) : README.index(END_MARKER)]
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in table.splitlines():
+        if heading := re.match(r"^\| \*\*(.+?)\*\* \|", line):
+            current = heading.group(1)
+            found[current] = []
+        elif row := re.match(r"^\| `(\w+)` \|", line):
+            found[current].append(row.group(1))
+    return found
+
+
+def test_sections_are_the_registry_families():
+    found = sections()
+    titles = [FAMILY_TITLES[f] for f in FAMILIES]
+    assert list(found) == [t for t in titles if t in found], "sections in FAMILIES order"
+    by_title = {title: family for family, title in FAMILY_TITLES.items()}
+    for title, names in found.items():
+        for name in names:
+            if name in attnzoo.list_modules():
+                assert get_spec(name).family == by_title[title], f"{name} listed under {title!r}"
+    planned = {e.name: e.family for e in CATALOG if e.name not in attnzoo.list_modules()}
+    for name, family in planned.items():
+        assert name in found[FAMILY_TITLES[family]], f"planned {name} not under {FAMILY_TITLES[family]!r}"
 
 
 def test_every_catalog_name_has_a_row():

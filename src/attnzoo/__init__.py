@@ -15,6 +15,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+# No module below imports the package itself (only its submodules), so the package has no import
+# cycle: attnzoo.models.resnet looks mechanisms up through attnzoo.registry at call time.
+from attnzoo import models
+from attnzoo.inspect import attach, capture
 from attnzoo.registry import ModuleSpec, Paper, Sizes, create, get_spec, list_modules, register
 
 __version__ = "0.1.0"
@@ -48,7 +52,3 @@ def _import_mechanisms() -> None:
 
 
 _import_mechanisms()
-
-# after the registry is filled: these modules look mechanisms up by name
-from attnzoo import models  # noqa: E402  (attnzoo.models.resnet, Seq2Seq, ...)
-from attnzoo.inspect import attach, capture  # noqa: E402

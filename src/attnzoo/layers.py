@@ -1,15 +1,24 @@
-"""Small building blocks shared by the mechanisms: width rounding and injectable layers."""
+"""Small building blocks shared by the mechanisms: width rounding and injectable layers
+(activations and gates by name or class, normalisation layers by class or factory)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-__all__ = ["LayerSpec", "create_layer", "make_divisible", "reduced_width"]
+from attnzoo._checks import check_positive
+
+__all__ = ["LayerSpec", "NormLayer", "create_layer", "create_norm", "make_divisible", "reduced_width"]
 
 #: An activation or gate given by name (``"relu"``), by class (``nn.ReLU``) or as a factory.
 LayerSpec = str | type[nn.Module] | Callable[[], nn.Module] | None
+
+#: A normalisation layer: a class or factory called as ``norm_layer(channels, device=..., dtype=...)``
+#: (``nn.BatchNorm2d``, the default wherever a paper normalises; ``functools.partial(nn.GroupNorm,
+#: 32)``; ``nn.Identity``), or None for no normalisation.
+NormLayer = Callable[..., nn.Module] | None
 
 _LAYERS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -48,6 +57,35 @@ def create_layer(spec: LayerSpec, *, argument: str = "layer") -> nn.Module:
     return layer
 
 
+def create_norm(
+    norm_layer: NormLayer,
+    num_features: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    argument: str = "norm_layer",
+) -> nn.Module:
+    """``norm_layer(num_features, device=device, dtype=dtype)``; None gives ``nn.Identity``.
+
+    Example:
+        >>> create_norm(nn.BatchNorm2d, 64).num_features, create_norm(None, 64)
+        (64, Identity())
+
+    Raises:
+        TypeError: ``norm_layer`` is not callable, or does not return an ``nn.Module``.
+    """
+    if norm_layer is None:
+        return nn.Identity()
+    if not callable(norm_layer):
+        raise TypeError(
+            f"{argument}: expected a callable (num_features) -> nn.Module or None, got {norm_layer!r}"
+        )
+    layer = norm_layer(num_features, device=device, dtype=dtype)
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"{argument}: the factory returned {type(layer).__name__}, not an nn.Module")
+    return layer
+
+
 def make_divisible(
     value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9
 ) -> int:
@@ -75,8 +113,7 @@ def reduced_width(
     bare ``channels // 16`` would build a layer with no units.
     """
     if rd_channels is not None:
-        if rd_channels < 1:
-            raise ValueError(f"rd_channels: expected a positive width, got {rd_channels}")
+        check_positive(rd_channels=rd_channels)
         return rd_channels
     if not 0 < rd_ratio <= 1:
         raise ValueError(f"rd_ratio: expected a ratio in (0, 1], got {rd_ratio}")

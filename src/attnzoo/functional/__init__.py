@@ -12,6 +12,7 @@ from attnzoo.functional.attend import (
     key_padding_to_mask,
     merge_masks,
 )
+from attnzoo.functional.softmax import compute_dtype, masked_softmax
 
 __all__ = [
     "FUSABLE_SCORES",
@@ -22,6 +23,8 @@ __all__ = [
     "attention_logits",
     "attention_weights",
     "causal_mask",
+    "compute_dtype",
     "key_padding_to_mask",
+    "masked_softmax",
     "merge_masks",
 ]

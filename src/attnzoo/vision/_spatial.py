@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -25,7 +24,6 @@ __all__ = [
     "check_poolable",
     "from_tokens",
     "max_pool_tokens",
-    "softmax_float",
     "subsample_kernel",
     "to_tokens",
 ]
@@ -72,10 +70,3 @@ def max_pool_tokens(tokens: Tensor, spatial: Sequence[int], kernel: Sequence[int
     pooled = pool(grid, tuple(kernel))  # (B, C, *S')
     # (B, C, *S') -> (B, C, N') -> (B, N', C); contiguous for the fused kernel
     return pooled.flatten(2).transpose(1, 2).contiguous()
-
-
-def softmax_float(logits: Tensor, dim: int = -1) -> Tensor:
-    """Softmax computed in float32 for half-precision logits (returned in float32), else as is."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        return torch.softmax(logits.float(), dim=dim)
-    return torch.softmax(logits, dim=dim)

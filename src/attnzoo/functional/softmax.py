@@ -1,0 +1,67 @@
+"""The one softmax every mechanism uses: float32 for half-precision logits, masks, empty rows.
+
+Three things go wrong when each module writes its own softmax:
+
+- float16 ends at 65504 and bfloat16 keeps 8 bits of mantissa, so a softmax over many positions
+  loses the small weights (or overflows) unless it runs in float32;
+- a row whose every entry is masked is ``softmax(-inf, ..., -inf) = NaN``, and that NaN reaches
+  every gradient even through a later ``where``;
+- masks come in two kinds (bool, True = keep; or additive float), and each site handled one.
+
+:func:`masked_softmax` does all three. :func:`compute_dtype` is the precision rule alone, for
+kernels that normalise or accumulate by other means (scatter softmax over graph edges, running
+sums of the non-local family).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_dtype", "masked_softmax"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to normalise or accumulate in: float32 for float16/bfloat16, else ``dtype``.
+
+    Example:
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, dim: int = -1) -> Tensor:
+    """``softmax(logits, dim)`` in float32 for half-precision logits, with masked entries at 0.
+
+    Args:
+        logits: any shape.
+        mask: None, a bool tensor (True = keep) or a floating tensor added to the logits; it
+            must broadcast to ``logits``.
+        dim: the dimension normalised over.
+
+    Returns:
+        Weights of the shape of ``logits``: float32 for float16/bfloat16 logits (kept in float32
+        so that small weights are not rounded away; cast where they meet the values), else the
+        logits' dtype. A slice along ``dim`` whose every entry is masked (or -inf) is all zeros,
+        with zero gradients, never NaN. NaN logits still give NaN weights (a NaN input reaches
+        the output).
+
+    Example:
+        >>> w = masked_softmax(torch.zeros(2, 3), torch.tensor([[True, True, False], [False] * 3]))
+        >>> w
+        tensor([[0.5000, 0.5000, 0.0000],
+                [0.0000, 0.0000, 0.0000]])
+    """
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    # None for full-precision logits: no cast node in traced and exported graphs
+    dtype = torch.float32 if logits.dtype in _HALF else None
+    if mask is None:
+        return torch.softmax(logits, dim=dim, dtype=dtype)
+    # an empty slice would be softmax(-inf, ...) = NaN: make it finite before, zero it after
+    empty = torch.isneginf(logits.amax(dim=dim, keepdim=True))  # size 1 along dim
+    weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=dim, dtype=dtype)
+    return weights.masked_fill(empty, 0.0)
