@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -72,3 +74,57 @@ def test_spec_fields_and_example_inputs():
 def test_every_spec_names_a_known_family():
     for name in attnzoo.list_modules():
         assert attnzoo.get_spec(name).family in registry.FAMILIES
+
+
+def test_placement_and_map_kind_vocabularies_are_checked():
+    kwargs = _dummy_spec_kwargs()
+    with pytest.raises(ValueError, match="placement must be one of"):
+        register("fresh_name", **kwargs, placement="everywhere")
+    with pytest.raises(ValueError, match="map_kind must be one of"):
+        register("fresh_name", **kwargs, map_kind="heat")
+    with pytest.raises(ValueError, match="sample names must be unique"):
+        register("fresh_name", **kwargs, samples=(registry.Sample("a"), registry.Sample("a")))
+
+
+def test_samples_build_their_module_inputs_and_masks():
+    spec = attnzoo.get_spec("mha")
+    assert spec.all_samples()[0].name == "default"
+    names = {s.name for s in spec.all_samples()}
+    assert {"key_mask", "attn_mask_3d", "attn_mask_4d", "causal", "cross"} <= names
+    sizes = Sizes(batch=3, width=16, extent=6)
+    sample = spec.sample("key_mask")
+    (x,), kwargs = spec.sample_inputs(sample, sizes)
+    mask = kwargs["key_mask"]
+    assert mask.shape == (3, 6) and mask.dtype == torch.bool
+    assert not mask[0, -2:].any() and mask[0, :-2].all()  # item 0: the last third padded
+    assert not mask[1].any() and mask[2].all()  # item 1: wholly padded; item 2: real
+    padding = sample.padding(sizes, (x,), kwargs)
+    assert padding.empty_batch == (1,)
+    assert torch.equal(padding.inputs[0].squeeze(-1), ~mask)
+    assert torch.equal(padding.real.squeeze(-1), mask)  # self-attention: real queries only
+    (q, memory), _ = spec.sample_inputs(spec.sample("cross"), sizes)
+    assert memory.shape == (3, 9, 16)
+    module = spec.build_sample(spec.sample("cross"), sizes)
+    assert module(q, memory).shape == q.shape
+    with pytest.raises(KeyError, match="no sample 'nope'"):
+        spec.sample("nope")
+
+
+def test_attn_mask_samples_keep_a_key_for_every_query():
+    sizes = Sizes(batch=2, width=16, extent=5)
+    sample = registry.attn_mask_sample(heads=4)
+    _, kwargs = attnzoo.get_spec("mha").sample_inputs(sample, sizes)
+    mask = kwargs["attn_mask"]
+    assert mask.shape == (2, 4, 5, 5) and mask.any(-1).all()
+    assert "linear_memory" in sample.skips
+
+
+def test_every_variant_value_has_a_sample():
+    """Both values of every ``variant=`` argument ("paper", "official") are some sample's."""
+    for name in attnzoo.list_modules():
+        spec = attnzoo.get_spec(name)
+        parameter = inspect.signature(spec.cls).parameters.get("variant")
+        if parameter is None:
+            continue
+        seen = {spec.sample_kwargs(s).get("variant", parameter.default) for s in spec.all_samples()}
+        assert {"paper", "official"} <= seen, f"{name}: samples cover variant {sorted(seen)}"

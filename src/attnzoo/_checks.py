@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
+from torch import fx, nn
 
-__all__ = ["SPATIAL_LAYOUTS", "check_device", "check_input", "check_mask", "check_variant"]
+__all__ = [
+    "SPATIAL_LAYOUTS",
+    "check_device",
+    "check_dtype",
+    "check_dtypes",
+    "check_input",
+    "check_mask",
+    "check_positive",
+    "check_variant",
+    "parameter_dtype",
+]
 
 #: Feature maps with 1, 2 or 3 spatial dims: sequences of features, images, videos (T, H, W).
 SPATIAL_LAYOUTS = ("B C L", "B C H W", "B C T H W")
@@ -17,10 +29,63 @@ def _describe(layout: str) -> str:
     return f"{len(dims)}-D tensor ({', '.join(dims)})"
 
 
+def _traced(x: object) -> bool:
+    """Whether ``x`` is a ``torch.fx`` proxy: checks then step aside (they need concrete values),
+    so that symbolic tracing sees through them; dynamo and export trace real (fake) tensors and
+    keep every check."""
+    return isinstance(x, fx.Proxy)
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating parameter (None without one), for
+    ``check_input(..., dtype=parameter_dtype(self))``."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def check_dtype(
+    x: torch.Tensor, name: str, dtype: torch.dtype | None, source: str = "the module's parameters"
+) -> None:
+    """Check that ``x`` has ``dtype`` (that of ``source``), naming both dtypes; None skips.
+
+    Skipped under ``torch.autocast``, where inputs legitimately differ from the parameters and from
+    each other (autocast casts them per op).
+
+    Raises:
+        TypeError: another floating dtype.
+    """
+    if dtype is None or _traced(x) or x.dtype == dtype:
+        return
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(
+        f"{name}: expected {dtype} (the dtype of {source}), got {x.dtype}; cast the input "
+        f"(x.to({dtype})) or the module (module.to({x.dtype})), or run under torch.autocast"
+    )
+
+
+def check_dtypes(module: nn.Module, **inputs: torch.Tensor) -> None:
+    """Check the dtypes of several inputs at once: the first against ``module``'s parameters,
+    the others against the first (see :func:`check_dtype`)::
+
+        check_dtypes(self, query=query, key=key, value=value)
+    """
+    (first_name, first), *others = inputs.items()
+    check_dtype(first, first_name, parameter_dtype(module))
+    for name, t in others:
+        if t is not first:
+            check_dtype(t, name, first.dtype, first_name)
+
+
 def check_input(
     x: object,
     name: str,
     layout: str | Sequence[str],
+    *,
+    dtype: torch.dtype | None = None,
+    dtype_source: str = "the module's parameters",
     **expected: int | None,
 ) -> None:
     """Check that ``x`` is a floating tensor laid out as ``layout`` with the ``expected`` sizes.
@@ -32,12 +97,19 @@ def check_input(
             (``("B C L", "B C H W")``); the one whose rank matches is used. ``B`` is the batch:
             it may be empty (a batch of zero items passes through, as elsewhere in PyTorch);
             every other dimension must be non-empty.
+        dtype: the floating dtype ``x`` must have (that of ``dtype_source``: the module's
+            parameters by default, or another input); None skips. See :func:`check_dtype`.
+        dtype_source: what ``dtype`` comes from, for the message.
         **expected: required sizes by dimension name, e.g. ``C=64``; None skips the check.
 
+    Under ``torch.fx`` symbolic tracing (a Proxy for ``x``) nothing is checked.
+
     Raises:
-        TypeError: ``x`` is not a tensor, or not floating point.
+        TypeError: ``x`` is not a tensor, not floating point, or of another dtype than ``dtype``.
         ValueError: wrong rank, an empty non-batch dimension, or a size other than expected.
     """
+    if _traced(x):
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -60,17 +132,16 @@ def check_input(
                 f"{name}: expected {dim}={want} at dim {i} of {matching[0]!r}, got {size} "
                 f"(shape {tuple(x.shape)})"
             )
+    check_dtype(x, name, dtype, dtype_source)
 
 
 def check_device(t: torch.Tensor, name: str, device: torch.device | None) -> None:
     """Check that ``t`` lives on ``device`` (the input's), or raise naming both; None skips."""
-    if device is not None and t.device != device:
+    if device is not None and not _traced(t) and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the input's device), got one on {t.device}")
 
 
-def check_mask(
-    mask: object, name: str, target: Sequence[int], device: torch.device | None = None
-) -> None:
+def check_mask(mask: object, name: str, target: Sequence[int], device: torch.device | None = None) -> None:
     """Check that ``mask`` is boolean (True = may attend) or floating (additive), broadcasts to
     ``target`` and, when ``device`` is given, lives on that device.
 
@@ -78,6 +149,8 @@ def check_mask(
         TypeError: ``mask`` is not a tensor, or neither bool nor floating.
         ValueError: ``mask`` does not broadcast to ``target``, or is on another device.
     """
+    if _traced(mask):
+        return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
     check_device(mask, name, device)
@@ -101,3 +174,24 @@ def check_variant(variant: object, name: str = "variant") -> None:
     """
     if variant not in ("paper", "official"):
         raise ValueError(f"{name}: expected 'paper' or 'official', got {variant!r}")
+
+
+def check_positive(**sizes: int | None) -> None:
+    """Check size arguments, given by name: each must be a positive integer (None skips one).
+
+    Example:
+        >>> check_positive(channels=64, key_channels=None)
+        >>> check_positive(num_heads=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_heads: expected a positive integer, got 0
+
+    Raises:
+        ValueError: a size that is not a positive integer (0, negative, a float, a bool),
+            naming the argument.
+    """
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")

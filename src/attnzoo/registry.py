@@ -22,15 +22,21 @@ __all__ = [
     "MAP_KINDS",
     "PLACEMENTS",
     "ModuleSpec",
+    "Padding",
     "Paper",
     "Sample",
     "Sizes",
+    "attn_mask_sample",
+    "causal",
     "create",
+    "cross_inputs",
     "example_image",
     "example_sequence",
     "get_spec",
     "image_input",
+    "key_mask_sample",
     "list_modules",
+    "padding_mask",
     "register",
     "sequence_input",
 ]
@@ -87,6 +93,24 @@ class Sizes:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """Which entries of a sample's inputs are padding, for the masking properties of the suite.
+
+    Attributes:
+        inputs: input index -> bool tensor broadcastable to that input, True at padded entries
+            (positions the sample's mask hides from every query).
+        real: bool tensor broadcastable to the output, True at the outputs that must not depend on
+            padded entries (the real positions); None: every output.
+        empty_batch: batch items whose every key is padded (fully masked rows): their outputs
+            must stay finite, their maps zero, and no gradient may reach their padded entries.
+    """
+
+    inputs: Mapping[int, torch.Tensor]
+    real: torch.Tensor | None = None
+    empty_batch: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Sample:
     """One configuration of a mechanism in the test database (the model: torch's ModuleInput).
 
@@ -104,6 +128,11 @@ class Sample:
             fully masked rows.
         reference: ``(module, inputs, forward_kwargs) -> expected output``, an independent float64
             computation, or None.
+        padding: ``(Sizes, inputs, forward_kwargs) -> Padding`` for a sample whose mask hides
+            positions from every query (key padding): the suite stores NaN and Inf there and checks
+            that the real outputs do not change. None: no padded positions.
+        thorough: also run the expensive properties (dtypes, compile, export, ONNX) on this
+            sample; they always run on the default one.
         skips: property name -> why it does not apply to this sample.
         description: one line for test ids and reports.
     """
@@ -113,6 +142,8 @@ class Sample:
     inputs: Callable[[Sizes], tuple[torch.Tensor, ...]] | None = None
     forward_kwargs: Callable[[Sizes, tuple[torch.Tensor, ...]], dict[str, Any]] | None = None
     reference: Callable[..., torch.Tensor] | None = None
+    padding: Callable[[Sizes, tuple[torch.Tensor, ...], dict[str, Any]], Padding] | None = None
+    thorough: bool = False
     skips: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
 
@@ -144,6 +175,9 @@ class ModuleSpec:
         samples: extra :class:`Sample` configurations beyond the default one.
         placement: one of :data:`PLACEMENTS` for image mechanisms, None otherwise.
         map_kind: one of :data:`MAP_KINDS` (None when ``returns_attn`` is False).
+        linear_memory: without ``return_attn`` no buffer grows with N_q x N_k (the fused kernel,
+            or a design that never pairs positions); the suite checks it with
+            :class:`attnzoo.testing.OpRecorder`.
     """
 
     name: str
@@ -165,6 +199,7 @@ class ModuleSpec:
     samples: tuple[Sample, ...] = ()
     placement: str | None = None
     map_kind: str | None = None
+    linear_memory: bool = False
 
     def all_samples(self) -> tuple[Sample, ...]:
         """The default sample followed by the declared ones."""
@@ -346,3 +381,86 @@ def image_input(sizes: Sizes) -> tuple[torch.Tensor, ...]:
 def sequence_input(sizes: Sizes) -> tuple[torch.Tensor, ...]:
     """``make_inputs`` for modules that take one (B, N, D) sequence."""
     return (example_sequence(sizes),)
+
+
+def padding_mask(x: torch.Tensor, *, empty: bool = True) -> torch.Tensor:
+    """A (B, N) bool key mask for the (B, N, ...) sequence ``x``, True at real positions.
+
+    Item 0 has its last third padded; with ``empty`` (and B > 1) every position of item 1 is
+    padding (fully masked rows); later items are all real.
+    """
+    batch, length = x.shape[0], x.shape[1]
+    mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+    mask[0, length - max(1, length // 3) :] = False
+    if empty and batch > 1:
+        mask[1] = False
+    return mask
+
+
+def key_mask_sample(
+    name: str = "key_mask",
+    *,
+    key_input: int = 0,
+    self_attention: bool = True,
+    argument: str = "key_mask",
+    empty: bool = True,
+    description: str = "padded keys: item 0 partly, item 1 wholly (fully masked rows)",
+    **fields: Any,
+) -> Sample:
+    """A sample that pads keys with :func:`padding_mask` of input ``key_input``, passed as
+    ``argument``; declares the padding, so the suite checks that padded positions never reach real
+    outputs (with ``self_attention`` the padded queries' outputs are not compared) and that fully
+    masked rows give zero maps and no gradient to their keys."""
+
+    def forward_kwargs(sizes: Sizes, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        return {argument: padding_mask(inputs[key_input], empty=empty)}
+
+    def padding(sizes: Sizes, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Padding:
+        real = kwargs[argument]  # (B, N_k)
+        padded = ~real.view(*real.shape, *[1] * (inputs[key_input].dim() - 2))  # broadcast over features
+        empty_batch = tuple(b for b in range(real.shape[0]) if not real[b].any())
+        return Padding(
+            inputs={key_input: padded},
+            real=real.unsqueeze(-1) if self_attention else None,  # (B, N, 1): the real queries' outputs
+            empty_batch=empty_batch,
+        )
+
+    return Sample(name, forward_kwargs=forward_kwargs, padding=padding, description=description, **fields)
+
+
+def attn_mask_sample(
+    name: str = "attn_mask",
+    *,
+    query_input: int = 0,
+    key_input: int = 0,
+    heads: int | None = None,
+    argument: str = "attn_mask",
+    description: str = "",
+    **fields: Any,
+) -> Sample:
+    """A sample with a deterministic bool ``(B, N_q, N_k)`` attention mask (``(B, heads, N_q,
+    N_k)`` with ``heads``) that keeps at least one key per query (the diagonal band)."""
+
+    def forward_kwargs(sizes: Sizes, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        query, key = inputs[query_input], inputs[key_input]
+        batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        lead = (batch,) if heads is None else (batch, heads)
+        generator = torch.Generator().manual_seed(7)
+        mask = torch.rand((*lead, n_q, n_k), generator=generator) > 0.5
+        mask |= torch.eye(n_q, n_k, dtype=torch.bool)  # every query keeps a key
+        return {argument: mask.to(query.device)}
+
+    text = description or f"a {3 if heads is None else 4}-D bool attention mask"
+    skips = {"linear_memory": "the (N_q, N_k) mask itself is quadratic", **fields.pop("skips", {})}
+    return Sample(name, forward_kwargs=forward_kwargs, description=text, skips=skips, **fields)
+
+
+def cross_inputs(sizes: Sizes) -> tuple[torch.Tensor, ...]:
+    """``make_inputs`` for cross-attention samples: queries (B, N, D) and a longer memory
+    (B, N + 3, D)."""
+    return example_sequence(sizes), example_sequence(sizes, length=sizes.extent + 3, seed=1)
+
+
+def causal(sizes: Sizes, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """``forward_kwargs`` of a causal self-attention sample."""
+    return {"causal": True}

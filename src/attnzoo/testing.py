@@ -86,7 +86,8 @@ def randomize_(
     generator = torch.Generator().manual_seed(seed)
 
     def noise(t: torch.Tensor) -> torch.Tensor:
-        return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype)
+        # drawn on the CPU (the same values on every device), then moved to the tensor's device
+        return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
 
     norm_weights = {id(m.weight) for m in module.modules() if isinstance(m, _NORMS) and m.weight is not None}
     with torch.no_grad():
@@ -101,5 +102,5 @@ def randomize_(
                     buffer.copy_(0.2 * noise(buffer))
                 elif name.endswith("running_var"):
                     uniform = torch.rand(buffer.shape, generator=generator, dtype=torch.float64)
-                    buffer.copy_(0.5 + uniform.to(buffer.dtype))
+                    buffer.copy_(0.5 + uniform.to(buffer.device, buffer.dtype))
     return module

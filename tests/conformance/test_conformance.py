@@ -1,28 +1,82 @@
 """Properties every registered mechanism must have; a new module gets them by registering.
 
-Each test is parametrised over ``attnzoo.list_modules()`` and uses only the spec: its example
-inputs, its constructor kwargs for a size, and its capability flags.
+The registry is a test database: each spec holds samples (its default configuration, then one per
+variant, input form and mask kind, see :class:`attnzoo.registry.Sample`), and every test here is
+parametrised over ``(name, sample)``. Cheap properties run on every sample; the expensive ones
+(dtypes, compile, export, ONNX) on the default sample and on samples marked ``thorough``.
+
+The suite is device-generic: it runs on ``$ATTNZOO_TEST_DEVICE`` when set, else on CUDA when
+present, else on the CPU; noise and masks are built on the modules' device.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import attnzoo
-from attnzoo.registry import ModuleSpec
-from attnzoo.testing import randomize_
+from attnzoo._checks import check_input
+from attnzoo.inspect import symbolic_trace
+from attnzoo.registry import MAP_KINDS, PLACEMENTS, ModuleSpec, Sample, Sizes
+from attnzoo.testing import OpRecorder, randomize_
 
+DEVICE = torch.device(
+    os.environ.get("ATTNZOO_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+)
 NAMES = attnzoo.list_modules()
 #: inductor compiles cost 10-15 s each here: a few representative modules only.
 INDUCTOR_NAMES = [n for n in ("mha", "cbam", "attention") if n in NAMES]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (mechanism, sample) pair of the test database."""
+
+    spec: ModuleSpec
+    sample: Sample
+
+    def skip_unless_applies(self, prop: str) -> None:
+        if prop in self.sample.skips:
+            pytest.skip(self.sample.skips[prop])
+
+    def sizes(self, **overrides: Any) -> Sizes:
+        return self.spec.sizes(device=DEVICE, **overrides)
+
+    def build(self, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tuple[Tensor, ...], dict[str, Any]]:
+        """The sample's module (parameters moved off their initialisation), inputs and kwargs."""
+        torch.manual_seed(seed)
+        sizes = self.sizes(**overrides)
+        module = self.spec.build_sample(self.sample, sizes)
+        # off the initial values, so that zero-initialised gates (gamma = 0, zero last convs) do not
+        # hide whether gradients reach the parameters before them
+        randomize_(module, seed=seed, scale=0.1, shift=True)
+        inputs, kwargs = self.spec.sample_inputs(self.sample, sizes)
+        return module, inputs, kwargs
+
+
+def _cases(thorough_only: bool = False) -> list[Any]:
+    cases = []
+    for name in NAMES:
+        spec = attnzoo.get_spec(name)
+        for sample in spec.all_samples():
+            if thorough_only and sample.name != "default" and not sample.thorough:
+                continue
+            cases.append(pytest.param(Case(spec, sample), id=f"{name}-{sample.name}"))
+    return cases
+
+
+CASES = _cases()
+THOROUGH = _cases(thorough_only=True)
 
 
 def first(result: Tensor | tuple) -> Tensor:
@@ -41,14 +95,10 @@ def tensors_in(obj: object) -> list[Tensor]:
     return []
 
 
-def build(spec: ModuleSpec, seed: int = 0, **size_overrides) -> tuple[nn.Module, tuple[Tensor, ...]]:
-    torch.manual_seed(seed)
-    sizes = spec.sizes(**size_overrides)
-    module = spec.build(sizes)
-    # off the initial values, so that zero-initialised gates (gamma = 0, zero last convs) do not
-    # hide whether gradients reach the parameters before them
-    randomize_(module, seed=seed, scale=0.1, shift=True)
-    return module, spec.example_inputs(sizes)
+def noise(shape: Sequence[int], like: Tensor, seed: int = 1) -> Tensor:
+    """Deterministic N(0, 1) noise on ``like``'s device and dtype (drawn on the CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator).to(like.device, like.dtype)
 
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> None:
@@ -58,15 +108,33 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-4, atol: flo
 def expected_shape(spec: ModuleSpec, inputs: tuple[Tensor, ...], out: Tensor) -> None:
     if spec.shape_preserving:
         assert out.shape == inputs[0].shape, (
-            f"{spec.name}: {tuple(out.shape)} != input {tuple(inputs[0].shape)}"
+            f"{spec.name}: {tuple(out.shape)} != input {tuple(inputs[0].shape)} (shape_preserving)"
         )
     if spec.batch_dim is not None:
         assert out.shape[0] == inputs[0].shape[0], f"{spec.name}: batch changed"
 
 
+def floating(inputs: tuple[Tensor, ...]) -> list[int]:
+    return [i for i, x in enumerate(inputs) if x.is_floating_point()]
+
+
 @pytest.fixture(params=NAMES)
 def spec(request: pytest.FixtureRequest) -> ModuleSpec:
     return attnzoo.get_spec(request.param)
+
+
+@pytest.fixture(params=CASES)
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.param
+
+
+@pytest.fixture(params=THOROUGH)
+def thorough(request: pytest.FixtureRequest) -> Case:
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec itself
 
 
 def test_spec_is_complete(spec: ModuleSpec) -> None:
@@ -82,55 +150,23 @@ def test_spec_is_complete(spec: ModuleSpec) -> None:
     )
 
 
-def test_forward_shape_and_finite(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
-    out = first(module(*inputs))
-    expected_shape(spec, inputs, out)
-    assert torch.isfinite(out).all()
-
-
-def test_gradients_reach_every_parameter(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
-    module.train()
-    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
-    out = first(module(*inputs))
-    # a random projection of the output: a plain sum can cancel (softmax rows sum to one)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (out * weights).sum().backward()
-    for name, p in module.named_parameters():
-        assert p.grad is not None, f"{spec.name}: no gradient reaches {name}"
-        assert torch.isfinite(p.grad).all(), f"{spec.name}: non-finite gradient in {name}"
-        assert p.grad.abs().sum() > 0, f"{spec.name}: zero gradient in {name}"
-    for i, x in enumerate(inputs):
-        if x.is_floating_point():
-            assert x.grad is not None and torch.isfinite(x.grad).all(), f"input {i} gradient"
-
-
-def test_return_attn_matches_plain_path(spec: ModuleSpec) -> None:
-    if not spec.returns_attn:
-        pytest.skip("returns no attention maps")
-    module, inputs = build(spec)
-    module.eval()
-    with torch.no_grad():
-        plain = first(module(*inputs))
-        result = module(*inputs, return_attn=True)
-    assert isinstance(result, tuple) and len(result) == 2
-    assert_close(result[0], plain)
-    maps = tensors_in(result[1])
-    assert maps, f"{spec.name}: return_attn gave no tensors"
-    for m in maps:
-        assert torch.isfinite(m).all()
-
-
-def test_non_default_sizes(spec: ModuleSpec) -> None:
-    """A width and extent other than the defaults: catches hard-coded sizes."""
-    base = spec.default_sizes
-    module, inputs = build(spec, batch=3, width=base.width + 16, extent=base.extent + 3)
-    module.eval()
-    with torch.no_grad():
-        out = first(module(*inputs))
-    expected_shape(spec, inputs, out)
-    assert torch.isfinite(out).all()
+def test_spec_declares_placement_map_kind_and_layout(spec: ModuleSpec) -> None:
+    """Facts that ``models.resnet``, ``show``, ``compare`` and ``capture`` read from the spec."""
+    (x, *_) = spec.example_inputs(spec.sizes(batch=1))
+    image = spec.channel_dim == 1 and x.dim() == 4
+    if image:
+        assert spec.placement in PLACEMENTS, f"{spec.name}: an image mechanism needs placement="
+    else:
+        assert spec.placement is None, f"{spec.name}: placement is for image mechanisms"
+    if spec.returns_attn:
+        assert spec.map_kind in MAP_KINDS, f"{spec.name}: returns maps, so it needs map_kind="
+    else:
+        assert spec.map_kind is None
+    # layout: vision modules are channels-first, sequence and graph modules channels-last
+    if spec.family in ("sequence", "graph"):
+        assert spec.channel_dim == -1, f"{spec.name}: sequences are (B, N, C), channels last"
+    else:
+        assert spec.channel_dim == 1, f"{spec.name}: feature maps are (B, C, ...), channels first"
 
 
 def test_factory_kwargs_reach_every_parameter(spec: ModuleSpec) -> None:
@@ -143,71 +179,226 @@ def test_factory_kwargs_reach_every_parameter(spec: ModuleSpec) -> None:
             assert t.dtype == torch.float64, f"{spec.name}: dtype= does not reach {name}"
 
 
-def test_state_dict_round_trip(spec: ModuleSpec) -> None:
-    source, inputs = build(spec, seed=0)
-    target, _ = build(spec, seed=1)
+# ---------------------------------------------------------------------------------------------
+# every sample
+
+
+def test_forward_shape_and_finite(case: Case) -> None:
+    module, inputs, kwargs = case.build()
+    out = first(module(*inputs, **kwargs))
+    expected_shape(case.spec, inputs, out)
+    assert torch.isfinite(out).all()
+    if case.sample.reference is not None:
+        module64 = module.double().eval()
+        cast = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+        with torch.no_grad():
+            expected = case.sample.reference(module64, cast, kwargs)
+            assert_close(first(module64(*cast, **kwargs)), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_gradients_reach_every_parameter(case: Case) -> None:
+    case.skip_unless_applies("gradients")
+    module, inputs, kwargs = case.build()
+    module.train()
+    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+    out = first(module(*inputs, **kwargs))
+    # a random projection of the output: a plain sum can cancel (softmax rows sum to one)
+    (out * noise(out.shape, out)).sum().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None, f"{case.spec.name}: no gradient reaches {name}"
+        assert torch.isfinite(p.grad).all(), f"{case.spec.name}: non-finite gradient in {name}"
+        assert p.grad.abs().sum() > 0, f"{case.spec.name}: zero gradient in {name}"
+    for i, x in enumerate(inputs):
+        if x.is_floating_point():
+            assert x.grad is not None and torch.isfinite(x.grad).all(), f"input {i} gradient"
+
+
+def test_return_attn_matches_plain_path(case: Case) -> None:
+    if not case.spec.returns_attn:
+        pytest.skip("returns no attention maps")
+    module, inputs, kwargs = case.build()
+    module.eval()
+    with torch.no_grad():
+        plain = first(module(*inputs, **kwargs))
+        result = module(*inputs, **kwargs, return_attn=True)
+    assert isinstance(result, tuple) and len(result) == 2
+    assert_close(result[0], plain)
+    maps = tensors_in(result[1])
+    assert maps, f"{case.spec.name}: return_attn gave no tensors"
+    for m in maps:
+        assert torch.isfinite(m).all()
+
+
+def test_non_default_sizes(case: Case) -> None:
+    """A width and extent other than the defaults: catches hard-coded sizes."""
+    base = case.spec.default_sizes
+    module, inputs, kwargs = case.build(batch=3, width=base.width + 16, extent=base.extent + 3)
+    module.eval()
+    with torch.no_grad():
+        out = first(module(*inputs, **kwargs))
+    expected_shape(case.spec, inputs, out)
+    assert torch.isfinite(out).all()
+
+
+def test_state_dict_round_trip_and_determinism(case: Case) -> None:
+    source, inputs, kwargs = case.build(seed=0)
+    target, _, _ = case.build(seed=1)
     target.load_state_dict(source.state_dict())
     source.eval(), target.eval()
     with torch.no_grad():
-        assert_close(first(target(*inputs)), first(source(*inputs)), rtol=0, atol=0)
+        expected = first(source(*inputs, **kwargs))
+        assert_close(first(source(*inputs, **kwargs)), expected, rtol=0, atol=0)
+        assert_close(first(target(*inputs, **kwargs)), expected, rtol=0, atol=0)
 
 
-def test_pickle_and_deepcopy(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
+def _poisoned(x: Tensor, where: Tensor, value: float) -> Tensor:
+    return torch.where(where.to(x.device), torch.full_like(x, value), x)
+
+
+@pytest.mark.parametrize("return_attn", [False, True], ids=["fused", "maps"])
+def test_nan_in_an_input_reaches_the_output(case: Case, return_attn: bool) -> None:
+    """A user's NaN is a bug they need to see: it reaches the output on every path, and the paths
+    agree on where (bug: the fused kernel turned a NaN query into a finite output)."""
+    if return_attn and not case.spec.returns_attn:
+        pytest.skip("returns no attention maps")
+    case.skip_unless_applies("nan")
+    # an odd length: the fused CPU kernel's blocks lost a NaN query for N_k = 5 or 11, not 8
+    module, inputs, kwargs = case.build(extent=case.spec.default_sizes.extent + 3)
     module.eval()
-    buffer = io.BytesIO()
-    torch.save(module, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    clones = [loaded, pickle.loads(pickle.dumps(module)), copy.deepcopy(module)]
-    with torch.no_grad():
-        expected = first(module(*inputs))
-        for clone in clones:
-            assert_close(first(clone(*inputs)), expected, rtol=0, atol=0)
+    for i in floating(inputs):
+        x = inputs[i].clone()
+        if i == 0:
+            x.view(-1)[0] = float("nan")  # one entry of the first (query) input, a real position
+        else:
+            x.fill_(float("nan"))  # a whole memory: local attention may skip any one position
+        poisoned = (*inputs[:i], x, *inputs[i + 1 :])
+        with torch.no_grad():
+            plain = first(module(*poisoned, **kwargs))
+            assert plain.isnan().any(), f"{case.spec.name}: a NaN in input {i} vanished"
+            if not return_attn:  # training paths too (sampling, batch statistics, dropout)
+                assert first(module.train()(*poisoned, **kwargs)).isnan().any(), "vanished in training"
+                module.eval()
+            if return_attn:
+                out = first(module(*poisoned, **kwargs, return_attn=True))
+                assert out.isnan().any(), f"{case.spec.name}: a NaN in input {i} vanished with maps"
+                # a masked weight of exactly 0 times a NaN value is NaN on the explicit path only
+                # (the fused kernel skips masked keys): compare where both paths are finite
+                finite = ~(plain.isnan() | out.isnan())
+                assert_close(out[finite], plain[finite])
 
 
-def test_eval_is_deterministic(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("return_attn", [False, True], ids=["fused", "maps"])
+def test_padded_positions_never_reach_real_outputs(case: Case, value: float, return_attn: bool) -> None:
+    """Whatever padded (masked) positions hold, even NaN or Inf, real outputs do not change."""
+    if case.sample.padding is None:
+        pytest.skip("no padded positions")
+    if return_attn and not case.spec.returns_attn:
+        pytest.skip("returns no attention maps")
+    module, inputs, kwargs = case.build()
     module.eval()
+    padding = case.sample.padding(case.sizes(), inputs, kwargs)
+    poisoned = tuple(
+        _poisoned(x, padding.inputs[i], value) if i in padding.inputs else x for i, x in enumerate(inputs)
+    )
     with torch.no_grad():
-        assert_close(first(module(*inputs)), first(module(*inputs)), rtol=0, atol=0)
+        clean = first(module(*inputs, **kwargs, **({"return_attn": True} if return_attn else {})))
+        dirty = first(module(*poisoned, **kwargs, **({"return_attn": True} if return_attn else {})))
+    real = torch.ones_like(clean, dtype=torch.bool)
+    if padding.real is not None:
+        real = real & padding.real.to(clean.device)
+    assert real.any()
+    assert_close(dirty[real], clean[real])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_dtypes_agree_with_float32(spec: ModuleSpec, dtype: torch.dtype) -> None:
-    module, inputs = build(spec)
+def test_fully_masked_rows_give_zero_maps_and_no_gradient(case: Case) -> None:
+    """A batch item whose every key is masked: finite outputs and gradients, zero maps, and no
+    gradient reaches its keys (softmax over nothing must not be NaN)."""
+    if case.sample.padding is None:
+        pytest.skip("no padded positions")
+    module, inputs, kwargs = case.build()
+    padding = case.sample.padding(case.sizes(), inputs, kwargs)
+    if not padding.empty_batch:
+        pytest.skip("no fully masked batch item")
     module.eval()
-    with torch.no_grad():
-        reference = first(module(*inputs)).double()
-        module.to(dtype)
-        cast = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
-        out = first(module(*cast))
-    assert out.dtype == dtype, f"{spec.name}: output is {out.dtype}, not {dtype}"
+    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+    result = (
+        module(*inputs, **kwargs, return_attn=True) if case.spec.returns_attn else module(*inputs, **kwargs)
+    )
+    out = first(result)
     assert torch.isfinite(out).all()
-    error = (out.double() - reference).norm() / reference.norm().clamp_min(1e-12)
-    limit = 1e-5 if dtype == torch.float64 else 3e-2
-    assert error < limit, f"{spec.name}: relative error {error:.2e} in {dtype}"
+    key_lengths = {inputs[i].shape[1] for i in padding.inputs}
+    if case.spec.returns_attn and case.spec.map_kind in ("pairwise", "alignment"):
+        # maps over the masked keys (not over compressed ones, as Linformer's): zero rows
+        for m in (m for m in tensors_in(result[1]) if m.shape[-1] in key_lengths):
+            for b in padding.empty_batch:
+                assert torch.equal(m[b], torch.zeros_like(m[b])), "a fully masked row has weights"
+    empty = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+    empty[list(padding.empty_batch)] = True
+    projection = noise(out.shape, out) * empty.view(-1, *[1] * (out.dim() - 1))
+    (out * projection).sum().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
+    for i, pad in padding.inputs.items():
+        grad = inputs[i].grad
+        assert grad is not None and torch.isfinite(grad).all()
+        reached = grad.masked_select(pad.to(grad.device).expand_as(grad))
+        assert torch.equal(reached, torch.zeros_like(reached)), "gradient reached masked keys"
 
 
-def test_bad_input_errors(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
+def test_channels_last_input_gives_the_same_output(case: Case) -> None:
+    x = case.spec.example_inputs(case.sizes(batch=1))[0]
+    if x.dim() != 4 or case.spec.channel_dim != 1:
+        pytest.skip("not a (B, C, H, W) module")
+    module, inputs, kwargs = case.build()
+    module.eval()
+    strided = tuple(
+        t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and t.is_floating_point() else t
+        for t in inputs
+    )
+    with torch.no_grad():
+        assert_close(first(module(*strided, **kwargs)), first(module(*inputs, **kwargs)))
+
+
+def test_bad_input_errors(case: Case) -> None:
+    case.skip_unless_applies("bad_input")
+    if case.sample.forward_kwargs is not None:
+        pytest.skip("the input checks are those of the sample without forward kwargs")
+    spec = case.spec
+    module, inputs, _ = case.build()
     module.eval()
     x, rest = inputs[0], inputs[1:]
     with pytest.raises(TypeError, match="float"):
         module(x.to(torch.int64), *rest)
-    with pytest.raises(ValueError, match="expected"):
-        module(x[0], *rest)  # one rank too few
+    lower = x[0]  # one rank too few
+    try:
+        with torch.no_grad():
+            unbatched = first(module(lower, *(r[0] for r in rest)))
+    except ValueError as error:
+        assert "expected" in str(error), f"{spec.name}: unclear message for a rank too few: {error}"
+    else:
+        # accepted as the unbatched form (torch's convention for sequences): it must mean exactly
+        # that, the result of the one-item batch without its batch axis; one rank less still fails
+        with torch.no_grad():
+            batched = first(module(x[:1], *(r[:1] for r in rest)))[0]
+        assert_close(unbatched, batched)
+        with pytest.raises(ValueError, match="expected"):
+            module(lower[0], *(r[0] for r in rest))
     wrong = torch.cat([x, x.narrow(spec.channel_dim, 0, 1)], dim=spec.channel_dim)
     with pytest.raises(ValueError, match=str(x.shape[spec.channel_dim])):
         module(wrong, *rest)
 
 
-def test_empty_dimensions(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
+def test_empty_dimensions(case: Case) -> None:
+    case.skip_unless_applies("bad_input")
+    if case.sample.forward_kwargs is not None:
+        pytest.skip("the input checks are those of the sample without forward kwargs")
+    spec = case.spec
+    module, inputs, _ = case.build()
     module.eval()
     x, rest = inputs[0], inputs[1:]
     # an empty sequence/spatial/node dimension is an error ...
-    extent_dim = x.dim() - 1 if spec.channel_dim in (1,) else x.dim() - 2
+    extent_dim = x.dim() - 1 if spec.channel_dim == 1 else x.dim() - 2
     with pytest.raises(ValueError, match="empty"):
         module(x.narrow(extent_dim, 0, 0), *rest)
     # ... but an empty batch passes through, as elsewhere in PyTorch (zero RoIs, say)
@@ -218,73 +409,242 @@ def test_empty_dimensions(spec: ModuleSpec) -> None:
         assert out.shape[0] == 0
 
 
-def test_compile_fullgraph_aot_eager(spec: ModuleSpec) -> None:
-    module, inputs = build(spec)
+def test_dtype_mismatch_is_one_clear_error(case: Case) -> None:
+    """An input of another dtype than the parameters, or two inputs of two float dtypes: one
+    error naming both dtypes and the argument, not torch's internal matmul/conv message."""
+    module, inputs, kwargs = case.build()
     module.eval()
-    torch._dynamo.reset()
-    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    has_parameters = any(p.is_floating_point() for p in module.parameters())
+    for i in floating(inputs):
+        if i > 0 or has_parameters:
+            cast = (*inputs[:i], inputs[i].double(), *inputs[i + 1 :])
+            with pytest.raises(TypeError, match=r"(?s)(float64.*float32|float32.*float64)"):
+                module(*cast, **kwargs)
+
+
+def test_autocast_keeps_working(case: Case) -> None:
+    """Mixed precision: under autocast, inputs legitimately differ from the parameters' dtype."""
+    module, inputs, kwargs = case.build()
+    module.eval()
+    dtype = torch.bfloat16
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=dtype):
+        out = first(module(*inputs, **kwargs))
+        if case.spec.returns_attn:
+            assert torch.isfinite(first(module(*inputs, **kwargs, return_attn=True))).all()
+    assert torch.isfinite(out).all()
     with torch.no_grad():
-        assert_close(first(compiled(*inputs)), first(module(*inputs)))
+        reference = first(module(*inputs, **kwargs)).float()
+    error = (out.float() - reference).norm() / reference.norm().clamp_min(1e-12)
+    assert error < 5e-2, f"{case.spec.name}: relative error {error:.2e} under autocast"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", INDUCTOR_NAMES)
-def test_compile_inductor(name: str) -> None:
-    spec = attnzoo.get_spec(name)
-    module, inputs = build(spec)
+def _elsewhere() -> torch.device:
+    return torch.device("meta") if DEVICE.type == "cpu" else torch.device("cpu")
+
+
+def test_mask_on_another_device_is_a_clear_error(case: Case) -> None:
+    """A mask or an edge index on another device than the input: a clear error, never a read of
+    garbage by the fused kernel or an error deep inside torch."""
+    module, inputs, kwargs = case.build()
     module.eval()
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True)
+    moved_kwargs = {k for k, v in kwargs.items() if isinstance(v, Tensor)}
+    moved_inputs = [i for i, x in enumerate(inputs) if i > 0 and not x.is_floating_point()]
+    if not moved_kwargs and not moved_inputs:
+        pytest.skip("no mask or index argument")
+    for key in moved_kwargs:
+        with pytest.raises(ValueError, match=rf"(?s){key}.*device"):
+            module(*inputs, **{**kwargs, key: kwargs[key].to(_elsewhere())})
+    for i in moved_inputs:
+        moved = (*inputs[:i], inputs[i].to(_elsewhere()), *inputs[i + 1 :])
+        with pytest.raises(ValueError, match="device"):
+            module(*moved, **kwargs)
+
+
+class _Model(nn.Module):
+    """A user's model around a mechanism: its own input check, the mechanism, an addition (the
+    mechanism's other inputs and kwargs are constants of the model)."""
+
+    def __init__(self, mechanism: nn.Module, rest: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.mechanism, self.rest, self.kwargs = mechanism, rest, kwargs
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "x", ("N C", "B N C", "B C H W", "B C T H W"))
+        return first(self.mechanism(x, *self.rest, **self.kwargs)) + 1.0
+
+
+def test_fx_traces_models_holding_it(case: Case) -> None:
+    """Input checks are transparent to torch.fx, and a model holding the mechanism traces (bug: the
+    checks raised on a Proxy, so ``attach`` failed on attnzoo's own ResNet and when attaching
+    twice). The mechanism is one node of the graph (:func:`attnzoo.inspect.symbolic_trace`)."""
+    module, (x, *rest), kwargs = case.build()
+    model = _Model(module, tuple(rest), kwargs).eval()
+    traced = symbolic_trace(model)
+    assert any(node.op == "call_module" and node.target == "mechanism" for node in traced.graph.nodes)
     with torch.no_grad():
-        assert_close(first(compiled(*inputs)), first(module(*inputs)))
+        assert_close(traced(x), model(x))
 
 
-def test_torch_export(spec: ModuleSpec) -> None:
-    if not spec.exportable:
-        pytest.skip(spec.notes or "not exportable")
-    module, inputs = build(spec)
-    module.eval()
-    program = torch.export.export(module, inputs)
-    with torch.no_grad():
-        assert_close(first(program.module()(*inputs)), first(module(*inputs)))
-
-
-def test_onnx_export_runs_in_onnxruntime(spec: ModuleSpec) -> None:
-    if not spec.exportable:
-        pytest.skip(spec.notes or "not exportable")
-    ort = pytest.importorskip("onnxruntime")
-    module, inputs = build(spec)
-    module.eval()
-    dynamic = None
-    if spec.batch_dim is not None:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        dynamic = tuple({0: batch} for _ in inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic, verbose=False)
-    session = ort.InferenceSession(
-        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+def test_linear_memory_without_maps(case: Case) -> None:
+    """The declared promise: without maps, no buffer grows with N_q x N_k. With 4x the positions,
+    the largest storage any op produced (the op recorder sees the storage behind every output)
+    grows about 4x (8x for N (H + W) criss-cross or relative-position terms), not 16x."""
+    if not case.spec.linear_memory:
+        pytest.skip("the spec does not promise linear memory")
+    case.skip_unless_applies("linear_memory")
+    image = case.spec.channel_dim == 1
+    largest = []
+    for extent in (12, 24) if image else (128, 512):  # N = 144 -> 576 or 128 -> 512 positions
+        module, inputs, kwargs = case.build(batch=1, extent=extent)
+        module.eval()
+        with torch.no_grad(), OpRecorder() as recorder:
+            module(*inputs, **kwargs)
+        largest.append(recorder.largest_storage)
+    growth = largest[1] / largest[0]
+    # a parameter may grow with N by design (Linformer's k x N projections): a copy of it is fine
+    biggest_parameter = max((p.numel() for p in module.parameters()), default=0)
+    assert growth < 10 or largest[1] <= 2 * biggest_parameter, (
+        f"{case.spec.name}: the largest buffer grew {growth:.1f}x ({largest[0]} -> {largest[1]} "
+        "elements) for 4x the positions: something pairwise was formed"
     )
-    # run at another batch size than the one exported, when the batch is dynamic
-    run_inputs = spec.example_inputs(spec.sizes(batch=3)) if dynamic else inputs
-    feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), run_inputs)}
-    result = torch.from_numpy(session.run(None, feeds)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_logits_in_half_precision(case: Case, dtype: torch.dtype) -> None:
+    """Large inputs (logits in the hundreds) in bfloat16/float16 stay finite: the softmax is
+    formed in float32 and the half-precision paths do not overflow."""
+    case.skip_unless_applies("large_logits")
+    if DEVICE.type == "cpu" and dtype == torch.float16 and case.spec.channel_dim == 1:
+        pytest.skip("float16 convolutions are slow on CPU; bfloat16 covers the CPU")
+    module, inputs, kwargs = case.build()
+    module.eval().to(dtype)
+    # bfloat16 has float32's range: much larger logits; float16 ends at 65504
+    factor = 30.0 if dtype == torch.bfloat16 else 4.0
+    big = tuple(factor * x.to(dtype) if x.is_floating_point() else x for x in inputs)
     with torch.no_grad():
-        assert_close(result, first(module(*run_inputs)), rtol=1e-4, atol=1e-4)
+        out = first(module(*big, **kwargs))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        if case.spec.returns_attn:
+            result = module(*big, **kwargs, return_attn=True)
+            assert torch.isfinite(result[0]).all()
+            assert all(torch.isfinite(m).all() for m in tensors_in(result[1]))
 
 
-def test_non_square_maps(spec: ModuleSpec) -> None:
+def test_non_square_maps(case: Case) -> None:
     """H != W: catches height and width swapped in a reshape or a relative-position table."""
-    module, inputs = build(spec)
+    module, inputs, kwargs = case.build()
     x = inputs[0]
-    if spec.channel_dim != 1 or x.dim() != 4 or len(inputs) != 1:
+    if case.spec.channel_dim != 1 or x.dim() != 4 or len(inputs) != 1 or kwargs:
         pytest.skip("not a single-input (B, C, H, W) module")
     x = torch.cat([x, x[:, :, :, :3]], dim=3)  # (B, C, H, W) -> (B, C, H, W + 3)
     module.eval()
     with torch.no_grad():
         out = first(module(x))
-        if spec.returns_attn:
+        if case.spec.returns_attn:
             assert_close(first(module(x, return_attn=True)), out)
-    if spec.shape_preserving:
+    if case.spec.shape_preserving:
         assert out.shape == x.shape
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the expensive properties: the default sample and the samples marked thorough
+
+
+def test_pickle_and_deepcopy(thorough: Case) -> None:
+    module, inputs, kwargs = thorough.build()
+    module.eval()
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clones = [loaded, pickle.loads(pickle.dumps(module)), copy.deepcopy(module)]
+    with torch.no_grad():
+        expected = first(module(*inputs, **kwargs))
+        for clone in clones:
+            assert_close(first(clone(*inputs, **kwargs)), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes_agree_with_float32(thorough: Case, dtype: torch.dtype) -> None:
+    module, inputs, kwargs = thorough.build()
+    module.eval()
+    with torch.no_grad():
+        reference = first(module(*inputs, **kwargs)).double()
+        module.to(dtype)
+        cast = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+        cast_kwargs = {
+            k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+            for k, v in kwargs.items()
+        }
+        out = first(module(*cast, **cast_kwargs))
+    assert out.dtype == dtype, f"{thorough.spec.name}: output is {out.dtype}, not {dtype}"
+    assert torch.isfinite(out).all()
+    error = (out.double() - reference).norm() / reference.norm().clamp_min(1e-12)
+    limit = 1e-5 if dtype == torch.float64 else 3e-2
+    assert error < limit, f"{thorough.spec.name}: relative error {error:.2e} in {dtype}"
+
+
+def test_compile_fullgraph_aot_eager(thorough: Case) -> None:
+    module, inputs, kwargs = thorough.build()
+    module.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(first(compiled(*inputs, **kwargs)), first(module(*inputs, **kwargs)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", INDUCTOR_NAMES)
+def test_compile_inductor(name: str) -> None:
+    module, inputs, kwargs = Case(attnzoo.get_spec(name), Sample("default")).build()
+    module.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.no_grad():
+        assert_close(first(compiled(*inputs, **kwargs)), first(module(*inputs, **kwargs)))
+
+
+def test_torch_export(thorough: Case) -> None:
+    if not thorough.spec.exportable:
+        pytest.skip(thorough.spec.notes or "not exportable")
+    module, inputs, kwargs = thorough.build()
+    module.eval()
+    program = torch.export.export(module, inputs, kwargs=kwargs)
+    with torch.no_grad():
+        assert_close(first(program.module()(*inputs, **kwargs)), first(module(*inputs, **kwargs)))
+
+
+def test_onnx_export_runs_in_onnxruntime(thorough: Case) -> None:
+    spec = thorough.spec
+    if not spec.exportable:
+        pytest.skip(spec.notes or "not exportable")
+    thorough.skip_unless_applies("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    # onnxruntime runs on the CPU here: build there whatever the suite's device
+    torch.manual_seed(0)
+    sizes = spec.sizes()
+    module = randomize_(spec.build_sample(thorough.sample, sizes), seed=0, scale=0.1, shift=True)
+    inputs, kwargs = spec.sample_inputs(thorough.sample, sizes)
+    module.eval()
+    dynamic = None
+    if spec.batch_dim is not None and not kwargs:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dynamic = tuple({0: batch} for _ in inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, inputs, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic, verbose=False
+        )
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    # run at another batch size than the one exported, when the batch is dynamic
+    run_inputs, run_kwargs = (
+        spec.sample_inputs(thorough.sample, spec.sizes(batch=3)) if dynamic else (inputs, kwargs)
+    )
+    tensors = [*run_inputs, *run_kwargs.values()]
+    feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), tensors)}
+    result = torch.from_numpy(session.run(None, feeds)[0])
+    with torch.no_grad():
+        assert_close(result, first(module(*run_inputs, **run_kwargs)), rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnzoo.functional import attend, attention_logits, attention_weights, causal_mask
+from attnzoo.functional.attend import Attended, attend_with_weights, key_padding_to_mask
 from attnzoo.testing import OpRecorder
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -244,3 +245,97 @@ def test_float16_logits_beyond_65504_stay_finite_with_maps():
     out, weights = attend(q, k, v, score="dot", return_weights=True)
     assert torch.isfinite(out).all() and torch.isfinite(weights).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_one_return_type_for_callers_passing_the_flag_through(qkv, return_weights):
+    q, k, v = qkv
+    result = attend_with_weights(q, k, v, return_weights=return_weights)
+    assert isinstance(result, Attended)
+    torch.testing.assert_close(result.out, attend(q, k, v))
+    assert (result.weights is not None) == return_weights
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_a_nan_query_reaches_its_output_on_both_paths(qkv, return_weights):
+    """Bug: the fused kernel turned a NaN score row into a zero (finite) output."""
+    q, k, v = (t.float() for t in qkv)  # float32: the fused kernel lost it (5 keys, N_k % 8 != 0)
+    q[0, 1, 0] = float("nan")
+    out = attend_with_weights(q, k, v, return_weights=return_weights).out
+    assert out[0, 1].isnan().all()
+    assert torch.isfinite(out[0, [0, 2, 3, 4]]).all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_padded_keys_never_reach_real_outputs(qkv, return_weights, value, kind):
+    """Bug: 0 x NaN = NaN, so NaN/Inf stored in a padded key or value poisoned every output."""
+    q, k, v = qkv
+    keep = torch.ones(2, 1, 7, dtype=torch.bool)
+    keep[0, :, 5:] = False  # the last two keys of item 0 are padding
+    mask = keep if kind == "bool" else torch.zeros(2, 1, 7).masked_fill(~keep, float("-inf"))
+    clean = attend(q, k, v, mask=mask, return_weights=return_weights)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, 5:], v2[0, 5:] = value, value
+    dirty = attend(q, k2, v2, mask=mask, return_weights=return_weights)
+    for a, b in zip(*(((c,) if not return_weights else c) for c in (clean, dirty))):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_key_padding_and_causal_stay_on_the_fused_kernel():
+    """A (B, 1, N_k) key mask (3-D) sent SDPA to its math path, and causal=True alone formed an
+    N x N bool mask: both are quadratic buffers nobody asked for."""
+    q = torch.randn(1, 2, 64, 8, dtype=torch.float32)
+    key_mask = torch.ones(1, 1, 64, dtype=torch.bool)
+    key_mask[..., 60:] = False
+    for kwargs in ({"mask": key_mask}, {"causal": True}):
+        with OpRecorder() as recorder:
+            attend(q, q, q, **kwargs)
+        assert recorder.ran("flash_attention"), kwargs
+        assert not recorder.formed(lambda n: n >= 64 * 64), kwargs
+
+
+def test_mask_on_another_device_is_a_clear_error(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match=r"mask: expected a tensor on cpu .* got one on meta"):
+        attend(q, k, v, mask=torch.ones(5, 7, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="key_mask.*meta"):
+        key_padding_to_mask(torch.ones(2, 7, dtype=torch.bool, device="meta"), 2, 7, device=q.device)
+
+
+def test_operands_of_two_precisions_under_autocast():
+    q = torch.randn(2, 5, 8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q.bfloat16(), q, q)  # a bfloat16 query against float32 keys and values
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with pytest.raises(TypeError, match="expected one dtype"):
+        attend(q.double(), q, q)  # outside autocast: a clear error
+
+
+def test_fx_records_attend_as_one_call():
+    class Attend(torch.nn.Module):
+        def forward(self, x, mask=None):
+            return attend(x, x, x, mask=mask)
+
+    traced = torch.fx.symbolic_trace(Attend())
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and "attend" in str(n.target)]
+    assert len(calls) == 1
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(traced(x), attend(x, x, x))
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_large_finite_query_whose_sum_overflows_gives_a_finite_output(return_weights: bool) -> None:
+    """The NaN carry must not turn a finite query into NaN: 64 entries of 60000 sum past float16's max."""
+    q = torch.full((1, 4, 64), 6e4, dtype=torch.float16)
+    k = torch.randn(1, 5, 64, dtype=torch.float16) * 1e-3
+    v = torch.randn(1, 5, 64, dtype=torch.float16)
+    result = attend(q, k, v, return_weights=return_weights)
+    out = result[0] if return_weights else result
+    assert torch.isfinite(out).all()
+    # and a NaN query still reaches its row, and only its row
+    q[0, 1, 3] = float("nan")
+    result = attend(q, k, v, return_weights=return_weights)
+    out = result[0] if return_weights else result
+    assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2, 3]]).all()

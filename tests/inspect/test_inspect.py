@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnzoo
-from attnzoo.inspect import Attached, attach, capture, residual_branch_ends
+from attnzoo.inspect import Attached, attach, capture, residual_branch_ends, symbolic_trace
 
 
 class Block(nn.Module):
@@ -91,6 +91,28 @@ def test_attach_by_names_and_predicate():
     )
     assert isinstance(model.stem[1], Attached)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_attach_to_attnzoo_resnet_and_twice():
+    """Bug: the input checks raised on an fx Proxy, so attnzoo's own ResNet (which checks its
+    input) could not be traced, nor a model that already held a mechanism."""
+    torch.manual_seed(0)
+    model = attach(attnzoo.models.resnet(20, num_classes=10), "cbam")
+    ends = [name for name, m in model.named_modules() if isinstance(m, Attached)]
+    assert len(ends) == 9  # three stages of three basic blocks
+    attach(model, "se")  # again: the CBAMs already inside are traced as single calls
+    twice = [m for m in model.modules() if isinstance(m, Attached) and isinstance(m.module, Attached)]
+    assert len(twice) == 9
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_symbolic_trace_keeps_mechanisms_as_single_calls():
+    model = WithMha().eval()
+    traced = symbolic_trace(model)
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    assert calls == ["attn", "proj"]
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(traced(x), model(x))
 
 
 def test_attach_errors():

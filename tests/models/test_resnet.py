@@ -226,3 +226,70 @@ def test_small_resnet_exports_and_compiles(attention):
         logits, maps = compiled(x, return_attn=True)
     torch.testing.assert_close(logits, expected)
     assert len(maps) == (2 if attention == "bam" else 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# resnet(depth, conv=NAME): attention replacing the spatial 3x3 convolutions
+
+
+@pytest.mark.parametrize(
+    ("conv", "published"),
+    [
+        # SASA paper (arXiv:1906.05909), Table 1, conv-stem + attention ResNet-50: 18.0M; its
+        # abstract: "29% fewer parameters" than ResNet-50 (25.6M)
+        ("sasa", 18.0e6),
+        # AA paper (arXiv:1904.09925), Table 2: AA-ResNet-50 25.8M (k = 2v = 0.2, 8 heads, >= 20
+        # dimensions a key head, the last 3 stages)
+        ("aa_conv", 25.8e6),
+    ],
+)
+def test_conv_replaced_parameter_counts_match_published(conv, published):
+    measured = count(resnet(50, conv=conv, device="meta"))
+    assert abs(measured - published) / published < 0.01, f"{measured} vs {published}"
+    if conv == "sasa":
+        assert abs(1 - measured / count(build_meta(50)) - 0.29) < 0.01
+
+
+def test_conv_replaces_the_3x3_convs_of_the_papers_stages_and_keeps_bn_and_stem():
+    from attnzoo.vision.aa_conv import AAConv2d
+    from attnzoo.vision.sasa import SASA
+
+    model = resnet(50, conv="aa_conv", device="meta")
+    assert isinstance(model.stem[0], nn.Conv2d)
+    kinds = [[type(b.conv2) for b in stage.blocks] for stage in model.stages]
+    assert kinds[0] == [nn.Conv2d] * 3  # AA-ResNet: the last three stages only
+    assert all(kind is AAConv2d for stage in kinds[1:] for kind in stage)
+    block = model.stages[1].blocks[0]
+    assert isinstance(block.bn2, nn.BatchNorm2d) and isinstance(block.act2, nn.ReLU)
+    assert (block.conv2.stride, block.conv2.value_dim, block.conv2.key_dim) == (2, 16, 160)
+    model = resnet(50, conv="sasa", device="meta")
+    assert all(isinstance(b.conv2, SASA) for stage in model.stages for b in stage.blocks)
+    assert all(isinstance(b.conv1, nn.Conv2d) for stage in model.stages for b in stage.blocks)  # 1x1
+    assert model.stages[1].blocks[0].conv2.stride == 2
+    chosen = resnet(18, conv="sasa", conv_stages=[3], device="meta")
+    assert [isinstance(s.blocks[0].conv1, SASA) for s in chosen.stages] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("conv", ["sasa", "aa_conv", "conv_as_attention"])
+def test_cifar_resnet_with_conv_attention_trains(conv):
+    torch.manual_seed(0)
+    model = resnet(8, conv=conv)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    logits, maps = model(x, return_attn=True)
+    assert logits.shape == (4, 10) and set(maps) == {f"stage{s}.block0" for s in (1, 2, 3)}
+
+
+def test_conv_errors():
+    with pytest.raises(ValueError, match="conv: expected a mechanism with placement='conv'"):
+        resnet(18, conv="se", device="meta")
+    with pytest.raises(ValueError, match="pass attention= and placement= without it"):
+        resnet(18, "se", conv="sasa", device="meta")
+    with pytest.raises(ValueError, match="conv_stages: only with conv=NAME"):
+        resnet(18, conv_stages=[1], device="meta")
+    with pytest.raises(ValueError, match=r"conv_stages: expected stage indices in \[0, 3\)"):
+        resnet(20, conv="sasa", conv_stages=[3], device="meta")
+    with pytest.raises(KeyError, match="sasa"):
+        resnet(18, conv="sas", device="meta")

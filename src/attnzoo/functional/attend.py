@@ -34,19 +34,22 @@ gradients (never NaN) on both paths.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx
 
 from attnzoo._checks import check_mask
+from attnzoo.functional.softmax import masked_softmax
 
 __all__ = [
     "SCORES",
+    "Attended",
     "Score",
     "and_masks",
     "attend",
+    "attend_with_weights",
     "attention_logits",
     "attention_weights",
     "causal_mask",
@@ -84,9 +87,10 @@ def and_masks(mask: Tensor | None, allowed: Tensor | None) -> Tensor | None:
     return mask.masked_fill(~allowed, float("-inf"))
 
 
-def key_padding_to_mask(key_mask: Tensor, batch: int, n_k: int) -> Tensor:
-    """Check a (B, N_k) bool key mask (True = real key) and return it as (B, 1, N_k)."""
-    check_mask(key_mask, "key_mask", (batch, n_k))
+def key_padding_to_mask(key_mask: Tensor, batch: int, n_k: int, device: torch.device | None = None) -> Tensor:
+    """Check a (B, N_k) bool key mask (True = real key), on ``device`` (the keys') when given, and
+    return it as (B, 1, N_k)."""
+    check_mask(key_mask, "key_mask", (batch, n_k), device=device)
     if key_mask.dtype != torch.bool or key_mask.dim() != 2:
         raise TypeError(
             f"key_mask: expected a (B, N_k) bool mask (True = real key), got "
@@ -172,9 +176,12 @@ def _as_4d(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Give q, k, v exactly two leading dims, as the fused kernels and ONNX's lowering expect.
 
-    Fewer than two leading dims are padded with size-1 dims in front (masks broadcast from the
-    right, so they need no change); more are folded into the first, after broadcasting.
+    Fewer than two leading dims are padded with size-1 dims in front; more are folded into the
+    first, after broadcasting. A mask gets 4 dims too: with 3 (a (B, 1, N_k) key padding, say)
+    SDPA leaves its fused CPU kernel for the math path, which forms the N_q x N_k matrix.
     """
+    if mask is not None and mask.dim() == 3:
+        mask = mask.unsqueeze(0)  # (X, N_q, N_k) -> (1, X, N_q, N_k): broadcasts as before
     if len(lead) <= 2:
         # (N, D) or (B, N, D) -> (1, 1, N, D) or (1, B, N, D); 4-D operands pass untouched
         return (
@@ -240,27 +247,6 @@ def attention_logits(
     return (hidden @ v_a) * scale  # (..., N_q, N_k)
 
 
-def _softmax_with_empty_rows(logits: Tensor, mask: Tensor | None) -> Tensor:
-    """Softmax over the last dim where masked entries get 0 and fully masked rows are all 0.
-
-    A fully masked row would be softmax(-inf, ..., -inf) = NaN, and NaN leaks into every gradient
-    even through a later ``where``; so such rows are made finite before the softmax and zeroed
-    after it, which gives zero outputs and zero gradients.
-    """
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        else:
-            logits = logits + mask
-    compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else None
-    if mask is None:
-        return torch.softmax(logits, dim=-1, dtype=compute_dtype)
-    empty_row = torch.isneginf(logits.amax(dim=-1, keepdim=True))  # (..., N_q, 1)
-    logits = logits.masked_fill(empty_row, 0.0)
-    weights = torch.softmax(logits, dim=-1, dtype=compute_dtype)
-    return weights.masked_fill(empty_row, 0.0)
-
-
 def attention_weights(
     q: Tensor,
     k: Tensor,
@@ -283,8 +269,176 @@ def attention_weights(
     logits = attention_logits(q, k, score=score, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a)
     n_q, n_k = q.shape[-2], k.shape[-2]
     if mask is not None:
-        check_mask(mask, "mask", logits.shape)
-    return _softmax_with_empty_rows(logits, merge_masks(mask, causal, n_q, n_k))
+        check_mask(mask, "mask", logits.shape, device=logits.device)
+    return masked_softmax(logits, merge_masks(mask, causal, n_q, n_k))
+
+
+class Attended(NamedTuple):
+    """What :func:`attend_with_weights` returns: the output, and the weights when requested."""
+
+    out: Tensor
+    #: (..., N_q, N_k) softmax weights (float32 for half-precision inputs), or None when not requested
+    weights: Tensor | None
+
+
+def _zero_padded_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the keys and values that no query may attend to (padding).
+
+    Whatever a padded position holds must not reach a real output, but a masked weight of 0 times a
+    NaN or Inf value is NaN, and so is a NaN score plus an additive -inf mask; zeros are inert.
+    """
+    blocked = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)
+    # (..., N_q, N_k) -> (..., N_k, 1): True where every query is blocked; a 1-D mask is per key
+    padded = (blocked if mask.dim() == 1 else blocked.all(dim=-2)).unsqueeze(-1)
+    return torch.where(padded, 0.0, k), torch.where(padded, 0.0, v)
+
+
+def attend_with_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    score: Score = "scaled_dot",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+    w: Tensor | None = None,
+    w_q: Tensor | None = None,
+    w_k: Tensor | None = None,
+    v_a: Tensor | None = None,
+    b_a: Tensor | None = None,
+) -> Attended:
+    """:func:`attend` with one return type for callers that pass ``return_weights`` through:
+    ``Attended(out, weights)``, weights None unless requested.
+
+    Example:
+        >>> out, maps = attend_with_weights(q, k, v, mask=mask, return_weights=return_attn)
+    """
+    if any(isinstance(t, fx.Proxy) for t in (q, k, v)):
+        # torch.fx symbolic tracing: the checks and shape logic below need concrete values, so the
+        # whole call becomes one node of the graph (run for real when the graph runs)
+        traced = _attend_node(
+            q, k, v, score=score, mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
+            return_weights=return_weights, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a,
+        )  # fmt: skip
+        return Attended(traced[0], traced[1] if return_weights else None)
+    if torch.is_autocast_enabled(q.device.type) and not q.dtype == k.dtype == v.dtype:
+        # under autocast, operands legitimately arrive in two precisions (a value kept in float32
+        # beside autocast-produced queries): compute in the autocast dtype, as the matmuls would
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    _check_qkv(q, k, v, score)
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        check_mask(mask, "mask", (*_lead_shape(q, k), n_q, n_k), device=q.device)
+        k, v = _zero_padded_keys(k, v, mask)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    # A NaN (or Inf) query must reach its output on both paths: the fused kernels turn a NaN score
+    # row into zeros, and the explicit path zeroes a fully masked row whatever its query holds.
+    # sum(q - q) is 0 for a finite query and NaN otherwise, at O(N_q D) next to O(N_q N_k D); unlike
+    # 0 * sum(q) it cannot overflow to Inf (and so to NaN) for a large but finite query.
+    query_nan = (q - q).sum(dim=-1, keepdim=True)  # (..., N_q, 1)
+
+    if score in FUSABLE_SCORES and not return_weights:
+        q, k = _bilinear_query(q, k, score, w)
+        # The fused kernels need a unit stride in the last dim; views of NCHW maps or transposed
+        # features lack it, and SDPA then silently takes its quadratic-memory math path.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        fused_scale = _default_scale(score, q.shape[-1], scale)  # from the true width, before padding
+        width_qk, width_v = q.shape[-1], v.shape[-1]
+        # The flash kernels need one head width for q, k and v; with two, SDPA silently takes its
+        # quadratic math path. Zero columns change neither the scores nor the kept output columns.
+        if width_qk > width_v:
+            v = F.pad(v, (0, width_qk - width_v))
+        elif width_v > width_qk:
+            q, k = F.pad(q, (0, width_v - width_qk)), F.pad(k, (0, width_v - width_qk))
+        # causal alone: the kernel's own causal mode, without forming an N x N bool mask
+        kernel_causal = causal and mask is None and n_q == n_k
+        mask = None if kernel_causal else merge_masks(mask, causal, n_q, n_k)
+        lead = _lead_shape(q, k, v)
+        q4, k4, v4, mask4 = _as_4d(q, k, v, mask, lead)
+        if kernel_causal:
+            out = F.scaled_dot_product_attention(
+                q4, k4, v4, dropout_p=dropout_p, is_causal=True, scale=fused_scale
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=fused_scale
+            )
+        out = out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D) -> (..., N_q, D)
+        out = out[..., :width_v] if v.shape[-1] != width_v else out
+        # in place where autograd records nothing: an out-of-place add would hold a second
+        # output-sized buffer at the call's memory peak (inference)
+        nan = query_nan.to(out.dtype)
+        return Attended(out + nan if out.requires_grad else out.add_(nan), None)
+
+    weights = attention_weights(
+        q,
+        k,
+        score=score,
+        mask=mask,
+        causal=causal,
+        scale=scale,
+        w=w,
+        w_q=w_q,
+        w_k=w_k,
+        v_a=v_a,
+        b_a=b_a,
+    )
+    dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    out = dropped.to(v.dtype) @ v  # (..., N_q, N_k) @ (..., N_k, D_v) -> (..., N_q, D_v)
+    return Attended(out + query_nan.to(out.dtype), weights if return_weights else None)
+
+
+def _attend_node(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> tuple[Tensor, Tensor | None]:
+    """:func:`attend_with_weights` as a plain tuple, a leaf function for ``torch.fx``."""
+    return tuple(attend_with_weights(q, k, v, **kwargs))  # type: ignore[arg-type,return-value]
+
+
+fx.wrap("_attend_node")
+
+
+@overload
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    score: Score = ...,
+    mask: Tensor | None = ...,
+    causal: bool = ...,
+    dropout_p: float = ...,
+    scale: float | None = ...,
+    return_weights: Literal[False] = ...,
+    w: Tensor | None = ...,
+    w_q: Tensor | None = ...,
+    w_k: Tensor | None = ...,
+    v_a: Tensor | None = ...,
+    b_a: Tensor | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    score: Score = ...,
+    mask: Tensor | None = ...,
+    causal: bool = ...,
+    dropout_p: float = ...,
+    scale: float | None = ...,
+    return_weights: Literal[True],
+    w: Tensor | None = ...,
+    w_q: Tensor | None = ...,
+    w_k: Tensor | None = ...,
+    v_a: Tensor | None = ...,
+    b_a: Tensor | None = ...,
+) -> tuple[Tensor, Tensor]: ...
 
 
 def attend(
@@ -311,7 +465,9 @@ def attend(
         k: keys (..., N_k, D_k).
         v: values (..., N_k, D_v).
         score: one of ``dot``, ``scaled_dot``, ``cosine``, ``general``, ``additive``, ``concat``.
-        mask: bool (True = may attend) or additive float, broadcastable to (..., N_q, N_k).
+        mask: bool (True = may attend) or additive float, broadcastable to (..., N_q, N_k), on the
+            device of ``q``. Keys that no query may attend to are padding: whatever they hold
+            (even NaN or Inf) never reaches an output.
         causal: query i may only attend to keys at or before its position; queries are aligned
             with the end of the keys (see :func:`causal_mask`).
         dropout_p: dropout on the attention weights; the caller passes 0.0 in eval mode.
@@ -320,58 +476,27 @@ def attend(
         w, w_q, w_k, v_a, b_a: the score's parameters (module docstring).
 
     Returns:
-        ``out`` (..., N_q, D_v), or ``(out, weights)`` with weights (..., N_q, N_k).
+        ``out`` (..., N_q, D_v), or ``(out, weights)`` with weights (..., N_q, N_k). A NaN or Inf
+        query gives a NaN output row on both paths. Callers that pass ``return_weights`` through
+        use :func:`attend_with_weights`, which has one return type.
 
     Shape:
         Leading dims of q, k, v (batch, heads, ...) must be equal or broadcast.
     """
-    _check_qkv(q, k, v, score)
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    if mask is not None:
-        check_mask(mask, "mask", (*_lead_shape(q, k), n_q, n_k))
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
-
-    if score in FUSABLE_SCORES and not return_weights:
-        q, k = _bilinear_query(q, k, score, w)
-        # The fused kernels need a unit stride in the last dim; views of NCHW maps or transposed
-        # features lack it, and SDPA then silently takes its quadratic-memory math path.
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        fused_scale = _default_scale(score, q.shape[-1], scale)  # from the true width, before padding
-        width_qk, width_v = q.shape[-1], v.shape[-1]
-        # The flash kernels need one head width for q, k and v; with two, SDPA silently takes its
-        # quadratic math path. Zero columns change neither the scores nor the kept output columns.
-        if width_qk > width_v:
-            v = F.pad(v, (0, width_qk - width_v))
-        elif width_v > width_qk:
-            q, k = F.pad(q, (0, width_v - width_qk)), F.pad(k, (0, width_v - width_qk))
-        mask = merge_masks(mask, causal, n_q, n_k)
-        lead = _lead_shape(q, k, v)
-        q4, k4, v4, mask4 = _as_4d(q, k, v, mask, lead)
-        if causal and mask is None and n_q == n_k:
-            out = F.scaled_dot_product_attention(
-                q4, k4, v4, dropout_p=dropout_p, is_causal=True, scale=fused_scale
-            )
-        else:
-            out = F.scaled_dot_product_attention(
-                q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=fused_scale
-            )
-        out = out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D) -> (..., N_q, D)
-        return out[..., :width_v] if v.shape[-1] != width_v else out
-
-    weights = attention_weights(
+    result = attend_with_weights(
         q,
         k,
+        v,
         score=score,
         mask=mask,
         causal=causal,
+        dropout_p=dropout_p,
         scale=scale,
+        return_weights=return_weights,
         w=w,
         w_q=w_q,
         w_k=w_k,
         v_a=v_a,
         b_a=b_a,
     )
-    dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    out = dropped.to(v.dtype) @ v  # (..., N_q, N_k) @ (..., N_k, D_v) -> (..., N_q, D_v)
-    return (out, weights) if return_weights else out
+    return (result.out, result.weights) if return_weights else result.out  # type: ignore[return-value]

@@ -13,6 +13,7 @@ output channels, a linear layer's output features).
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from torch import fx, nn
 
 from attnzoo.registry import get_spec
 
-__all__ = ["Attached", "attach", "residual_branch_ends"]
+__all__ = ["Attached", "attach", "residual_branch_ends", "symbolic_trace"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -67,6 +68,33 @@ def infer_channels(module: nn.Module) -> int:
     )
 
 
+class _MechanismLeafTracer(fx.Tracer):
+    """A ``torch.fx`` tracer that records every attnzoo mechanism as one call (a leaf module).
+
+    Mechanisms branch on shapes and dtypes (head splits, half-precision paths), which symbolic
+    tracing cannot follow; their input checks step aside for proxies, so the model around them
+    traces as usual. Anything that is not a registered mechanism is traced through.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return hasattr(type(m), "registry_name") or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` for models that hold attnzoo mechanisms: each mechanism inside
+    ``model`` is one ``call_module`` node (the root itself is always traced through).
+
+    A ``return_attn`` argument of ``model.forward`` is traced as False unless ``concrete_args``
+    says otherwise (a flag that chooses the return type cannot be a graph input).
+    """
+    concrete = dict(concrete_args or {})
+    if "return_attn" in inspect.signature(model.forward).parameters:
+        concrete.setdefault("return_attn", False)
+    tracer = _MechanismLeafTracer()
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in ADD_TARGETS:
         return True
@@ -84,7 +112,7 @@ def residual_branch_ends(model: nn.Module) -> list[str]:
         ValueError: the model cannot be traced symbolically.
     """
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = symbolic_trace(model).graph
     except Exception as error:  # fx raises many types for untraceable code
         raise ValueError(
             f"model: cannot trace {type(model).__name__} with torch.fx to find its residual branches "
@@ -96,12 +124,19 @@ def residual_branch_ends(model: nn.Module) -> list[str]:
         parents = [p for p in node.all_input_nodes]
         depth[node] = 1 + max((depth[p] for p in parents), default=0)
 
+    def outermost_attached(name: str) -> str:
+        # a norm attached to before is reached inside its wrapper(s): attach after the outermost
+        while name.endswith(".module") and isinstance(modules.get(name[: -len(".module")]), Attached):
+            name = name[: -len(".module")]
+        return name
+
     def source_norm(node: fx.Node) -> str | None:
         while node.op == "call_module":
             module = modules[str(node.target)]
             if isinstance(module, NORM_TYPES):
-                return str(node.target)
-            if not isinstance(module, PASS_THROUGH) or not node.all_input_nodes:
+                return outermost_attached(str(node.target))
+            attached_before = hasattr(type(module), "registry_name")  # a mechanism attached earlier
+            if not (isinstance(module, PASS_THROUGH) or attached_before) or not node.all_input_nodes:
                 return None
             node = node.all_input_nodes[0]
         return None

@@ -3,14 +3,16 @@
 He et al. 2016, "Deep Residual Learning for Image Recognition", https://arxiv.org/abs/1512.03385
 (ImageNet ResNet-18/34/50/101/152, and the CIFAR ResNet-20/32/44/56/110 of its section 4.2).
 
-Placements (``placement=`` overrides the default for a name):
+Placements (the default is the mechanism's spec's ``placement``; ``placement=`` overrides it):
 
 - ``"residual"``: on the residual branch after the block's last BN, before the addition with the
   identity: SE (arXiv:1709.01507, Fig. 3), CBAM (arXiv:1807.06521, Fig. 3), ECA, GC and any
   other shape-preserving module (the default).
 - ``"stage"``: after every stage but the last, where the feature maps are downsampled next: BAM
   (arXiv:1807.06514, Fig. 1), and the standalone pairwise blocks that carry their own residual
-  connection (non-local, DNL, SAGAN, DANet, criss-cross) instead of sitting inside a block.
+  connection (non-local, DNL, SAGAN, DANet, criss-cross) instead of sitting inside a block. NOTE: the
+  non-local paper's ImageNet models add them to res3 and res4 only; ``"stage"`` adds one after
+  every stage but the last.
 - ``"conv"``: replacing the 3x3 convolution (with its BN and ReLU): SK (arXiv:1903.06586),
   split attention (ResNeSt, arXiv:2004.08955), SC conv (SCNet); the module is built as
   ``create(name, in_width, out_width, stride=s)``.
@@ -27,10 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-import attnzoo
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_positive
+from attnzoo.registry import create, get_spec
 
-__all__ = ["CIFAR_DEPTHS", "IMAGENET_DEPTHS", "PLACEMENTS", "ResNet", "resnet"]
+__all__ = ["CIFAR_DEPTHS", "IMAGENET_DEPTHS", "ResNet", "resnet"]
 
 Placement = Literal["residual", "stage", "conv"]
 
@@ -47,22 +49,44 @@ IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 #: `attnzoo compare` default, cheap enough to train eight variants on two cores in minutes.
 CIFAR_DEPTHS: dict[int, int] = {8: 1, 14: 2, 20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 
-#: Where a mechanism goes when its paper does not put it on the residual branch.
-PLACEMENTS: dict[str, Placement] = {
-    "bam": "stage",
-    # Blocks with their own residual connection (z = W y + x) go between residual blocks, not
-    # inside them: non-local blocks after res3/res4 blocks (arXiv:1711.07971, section 4), SAGAN
-    # between layers, DNL and DANet after a stage. NOTE: the paper's ImageNet models add them to
-    # res3 and res4 only; "stage" adds one after every stage but the last.
-    "non_local": "stage",
-    "dnl": "stage",
-    "sagan": "stage",
-    "danet": "stage",
-    "criss_cross": "stage",
-    "sk": "conv",
-    "split_attention": "conv",
-    "scconv": "conv",
+#: The papers' settings for ``resnet(depth, conv=NAME)``: constructor defaults, and how many of the
+#: last stages have their 3x3 convolutions replaced (None: every stage).
+CONV_PAPER_SETTINGS: dict[str, tuple[dict[str, Any], int | None]] = {
+    # AA-ResNet (arXiv:1904.09925, sec. 4.1): k = 2v = 0.2, N_h = 8, at least 20 dimensions a key
+    # head, every residual block of the last 3 stages (the first stage's maps cost too much memory)
+    "aa_conv": ({"value_ratio": 0.1, "min_key_head_dim": 20, "bias": False}, 3),
+    # SASA-ResNet (arXiv:1906.05909, sec. 4, "conv-stem + attention"): every spatial convolution,
+    # k = 7, 8 heads; the stem stays convolutional
+    "sasa": ({}, None),
+    # the learned quadratic-encoding layer (arXiv:1911.03584) with 9 heads, a 3x3 conv's worth
+    "conv_as_attention": ({"bias": False}, None),
 }
+
+
+def _conv_plan(
+    conv: str, attention: str | None, placement: str | None, num_stages: int, stages: Sequence[int] | None
+) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+    """Check ``resnet(conv=NAME)`` and return the paper's kwargs and the replaced stages."""
+    if attention is not None or placement is not None:
+        raise ValueError(
+            f"conv: {conv!r} replaces the 3x3 convolutions; pass attention= and placement= without "
+            f"it, got attention={attention!r}, placement={placement!r}"
+        )
+    spec = get_spec(conv)  # KeyError with suggestions for an unknown name
+    parameters = inspect.signature(spec.cls).parameters
+    if spec.placement != "conv" or not {"out_channels", "stride"} <= parameters.keys():
+        raise ValueError(
+            f"conv: expected a mechanism with placement='conv' taking (in_channels, out_channels=, "
+            f"stride=), got {conv!r} (placement {spec.placement!r})"
+        )
+    kwargs, last = CONV_PAPER_SETTINGS.get(conv, ({}, None))
+    if stages is None:
+        chosen = None if last is None else tuple(range(max(0, num_stages - last), num_stages))
+    else:
+        chosen = tuple(stages)
+        if any(not 0 <= s < num_stages for s in chosen):
+            raise ValueError(f"conv_stages: expected stage indices in [0, {num_stages}), got {chosen}")
+    return dict(kwargs), chosen
 
 
 def _sk_defaults(in_width: int, out_width: int) -> dict[str, Any]:
@@ -84,11 +108,18 @@ class _Plan:
     stage_kwargs: list[dict[str, Any]]
     factory: dict[str, Any]
     built: list[nn.Module] = field(default_factory=list)
+    #: ``conv=``: the module replaces the 3x3 convolution only, its BN and ReLU stay
+    keep_norm: bool = False
+    #: the stages whose 3x3 convolutions a "conv" placement replaces (None: all)
+    conv_stages: tuple[int, ...] | None = None
+
+    def replaces_conv(self, stage: int) -> bool:
+        return self.placement == "conv" and (self.conv_stages is None or stage in self.conv_stages)
 
     def make(self, stage: int, *args: int, **extra: Any) -> nn.Module:
         assert self.name is not None
         kwargs = {**self.kwargs, **self.stage_kwargs[stage], **extra}
-        module = attnzoo.create(self.name, *args, **kwargs, **self.factory)
+        module = create(self.name, *args, **kwargs, **self.factory)
         self.built.append(module)
         return module
 
@@ -104,7 +135,7 @@ class _Plan:
 
     def can_change_width(self) -> bool:
         assert self.name is not None
-        return "out_channels" in inspect.signature(attnzoo.get_spec(self.name).cls).parameters
+        return "out_channels" in inspect.signature(get_spec(self.name).cls).parameters
 
 
 def _conv(cin: int, cout: int, k: int, stride: int, factory: Mapping[str, Any]) -> nn.Conv2d:
@@ -113,7 +144,7 @@ def _conv(cin: int, cout: int, k: int, stride: int, factory: Mapping[str, Any]) 
 
 def _call(module: nn.Module, x: Tensor, maps: dict[str, Any] | None, key: str) -> Tensor:
     """Run an attention module, collecting its maps under ``key`` when ``maps`` is given."""
-    if maps is None or not attnzoo.get_spec(module.registry_name).returns_attn:
+    if maps is None or not get_spec(module.registry_name).returns_attn:
         return module(x)
     out, attn = module(x, return_attn=True)
     maps[key] = attn
@@ -136,19 +167,20 @@ class BasicBlock(nn.Module):
         super().__init__()
         out_width = planes * self.expansion
         placement = plan.placement
-        replace_first = placement == "conv" and (in_width == planes or plan.can_change_width())
-        replace_second = placement == "conv" and not replace_first
+        replaces = plan.replaces_conv(stage)
+        replace_first = replaces and (in_width == planes or plan.can_change_width())
+        replace_second = replaces and not replace_first
         if replace_first:
             self.conv1: nn.Module = plan.make_conv(stage, in_width, planes, stride)
-            self.bn1: nn.Module = nn.Identity()
-            self.act1: nn.Module = nn.Identity()
+            self.bn1: nn.Module = nn.BatchNorm2d(planes, **factory) if plan.keep_norm else nn.Identity()
+            self.act1: nn.Module = nn.ReLU(inplace=True) if plan.keep_norm else nn.Identity()
         else:
             self.conv1 = _conv(in_width, planes, 3, stride, factory)
             self.bn1 = nn.BatchNorm2d(planes, **factory)
             self.act1 = nn.ReLU(inplace=True)
         if replace_second:
             self.conv2: nn.Module = plan.make_conv(stage, planes, out_width, 1)
-            self.bn2: nn.Module = nn.Identity()
+            self.bn2: nn.Module = nn.BatchNorm2d(out_width, **factory) if plan.keep_norm else nn.Identity()
         else:
             self.conv2 = _conv(planes, out_width, 3, 1, factory)
             self.bn2 = nn.BatchNorm2d(out_width, **factory)
@@ -181,11 +213,11 @@ class Bottleneck(nn.Module):
         out_width = planes * self.expansion
         self.conv1 = _conv(in_width, planes, 1, 1, factory)
         self.bn1 = nn.BatchNorm2d(planes, **factory)
-        self.conv_attn = plan.placement == "conv"
+        self.conv_attn = plan.replaces_conv(stage)
         if self.conv_attn:
             self.conv2: nn.Module = plan.make_conv(stage, planes, planes, stride)
-            self.bn2: nn.Module = nn.Identity()
-            self.act2: nn.Module = nn.Identity()
+            self.bn2: nn.Module = nn.BatchNorm2d(planes, **factory) if plan.keep_norm else nn.Identity()
+            self.act2: nn.Module = nn.ReLU(inplace=True) if plan.keep_norm else nn.Identity()
         else:
             self.conv2 = _conv(planes, planes, 3, stride, factory)
             self.bn2 = nn.BatchNorm2d(planes, **factory)
@@ -341,6 +373,8 @@ def resnet(
     width: int | None = None,
     stem: Literal["imagenet", "cifar"] | None = None,
     placement: Placement | None = None,
+    conv: str | None = None,
+    conv_stages: Sequence[int] | None = None,
     stage_attention_kwargs: Sequence[Mapping[str, Any]] | None = None,
     zero_init_residual: bool = False,
     device: torch.device | str | None = None,
@@ -366,7 +400,13 @@ def resnet(
         stem: ``"imagenet"`` or ``"cifar"`` (ImageNet depths only; CIFAR depths always use
             ``"cifar"``).
         placement: ``"residual"``, ``"stage"`` or ``"conv"``; None: the mechanism's paper's
-            (:data:`PLACEMENTS`, else ``"residual"``).
+            (its spec's ``placement``, see :data:`attnzoo.registry.PLACEMENTS`).
+        conv: a mechanism with ``placement="conv"`` that replaces the spatial 3x3 convolutions
+            only (their BN and ReLU stay; the stem stays convolutional), built as
+            ``create(conv, in_width, out_channels=, stride=)`` with its paper's settings
+            (:data:`CONV_PAPER_SETTINGS`): ``conv="sasa"`` is SASA-ResNet, ``conv="aa_conv"``
+            AA-ResNet (last three stages). Not with ``attention=``.
+        conv_stages: the stage indices whose convolutions ``conv`` replaces (default: the paper's).
         stage_attention_kwargs: one dict per stage merged over ``attention_kwargs`` for that stage's
             modules, e.g. ECA's per-stage kernel sizes of the released models:
             ``[{"kernel_size": k} for k in (3, 5, 5, 7)]``.
@@ -398,12 +438,17 @@ def resnet(
         raise ValueError(f"depth: expected one of {known}, got {depth}")
     if stem not in ("imagenet", "cifar"):
         raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
-    for name, value in (("num_classes", classes), ("in_chans", in_chans), ("width", base)):
-        if value <= 0:
-            raise ValueError(f"{name}: expected a positive count, got {value}")
+    check_positive(num_classes=classes, in_chans=in_chans, width=base)
     if placement not in (None, "residual", "stage", "conv"):
         raise ValueError(f"placement: expected 'residual', 'stage', 'conv' or None, got {placement!r}")
 
+    conv_kwargs: dict[str, Any] = {}
+    replaced_stages: tuple[int, ...] | None = None
+    if conv is not None:
+        conv_kwargs, replaced_stages = _conv_plan(conv, attention, placement, len(layers), conv_stages)
+        attention, placement = conv, "conv"
+    elif conv_stages is not None:
+        raise ValueError(f"conv_stages: only with conv=NAME, got {conv_stages!r} without it")
     if attention is None:
         if attention_kwargs or stage_attention_kwargs or placement:
             raise ValueError(
@@ -412,12 +457,17 @@ def resnet(
             )
         plan_placement = None
     else:
-        spec = attnzoo.get_spec(attention)  # KeyError with suggestions for an unknown name
-        plan_placement = placement or PLACEMENTS.get(attention, "residual")
+        spec = get_spec(attention)  # KeyError with suggestions for an unknown name
+        plan_placement = placement or spec.placement
         if plan_placement != "conv" and not spec.shape_preserving:
             raise ValueError(
                 f"attention: {attention!r} does not preserve its input's shape, so it cannot go "
                 f"{'on the residual branch' if plan_placement == 'residual' else 'after a stage'}"
+            )
+        if plan_placement not in ("residual", "stage", "conv"):
+            raise ValueError(
+                f"attention: {attention!r} goes {'on a network head' if plan_placement else 'on sequences'} "
+                f"(placement {plan_placement!r}), not in a ResNet's residual stages"
             )
     if stage_attention_kwargs is None:
         stage_kwargs: list[dict[str, Any]] = [{} for _ in layers]
@@ -429,7 +479,15 @@ def resnet(
                 f"got {len(stage_kwargs)}"
             )
     factory = {"device": device, "dtype": dtype}
-    plan = _Plan(attention, plan_placement, dict(attention_kwargs), stage_kwargs, factory)
+    plan = _Plan(
+        attention,
+        plan_placement,
+        {**conv_kwargs, **attention_kwargs},
+        stage_kwargs,
+        factory,
+        keep_norm=conv is not None,
+        conv_stages=replaced_stages,
+    )
     block = BasicBlock if kind == "basic" else Bottleneck
     return ResNet(
         block,
