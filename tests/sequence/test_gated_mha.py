@@ -156,20 +156,6 @@ def test_prune_removes_closed_heads_for_real_and_keeps_eval_outputs():
         perturbed().prune([H])
 
 
-def test_fully_masked_row_and_half_precision():
-    module = perturbed()
-    x, mem = inputs()
-    key_mask = torch.ones(B, NK, dtype=torch.bool)
-    key_mask[1] = False
-    x = x.requires_grad_()
-    out = module(x, mem, key_mask=key_mask)
-    torch.testing.assert_close(out[1], module.out_proj.bias.expand(NQ, E))
-    out.sum().backward()
-    assert torch.isfinite(x.grad).all()
-    half = module.to(torch.bfloat16).train()
-    out = half(1e2 * x.detach().bfloat16(), mem.bfloat16(), causal=False)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="stretch"):
@@ -180,3 +166,60 @@ def test_bad_arguments():
         GatedMultiheadAttention(E, H, temperature=0.0)
     with pytest.raises(ValueError, match="num_heads"):
         GatedMultiheadAttention(E, 3)
+
+
+# -- gated_mha extends mha: every mha option, one computation with a hook ----------------------
+
+
+def test_extends_mha_and_differs_only_by_the_head_scaling_hook():
+    assert issubclass(GatedMultiheadAttention, MultiheadAttention)
+    # one forward: the gates enter through scale_heads, nothing else is overridden but the
+    # zero-head case
+    assert GatedMultiheadAttention.forward is MultiheadAttention.forward
+    assert GatedMultiheadAttention.scale_heads is not MultiheadAttention.scale_heads
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_options_hold_with_gates(batch_first):
+    """add_bias_kv, add_zero_attn, sequence-first and unbatched inputs, torch's mask layout."""
+    torch.manual_seed(3)
+    plain = MultiheadAttention(
+        E, H, add_bias_kv=True, add_zero_attn=True, batch_first=batch_first, dtype=torch.float64
+    )
+    randomize_(plain, seed=3, scale=0.1, shift=True)
+    gated = GatedMultiheadAttention.from_mha(plain).eval()
+    assert gated.batch_first == batch_first and gated.bias_k is not None and gated.add_zero_attn
+    q, kv = inputs()
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)  # (N, B, D)
+    per_head = torch.rand(B * H, NQ, NK, generator=torch.Generator().manual_seed(2)) > 0.3
+    # gates open: exactly plain mha
+    torch.testing.assert_close(gated(q, kv, attn_mask=per_head), plain(q, kv, attn_mask=per_head))
+    # one gate scales one head: the same as scaling that head's columns of W^O
+    with torch.no_grad():
+        gated.log_alpha[1] = 0.0
+        plain.out_proj.weight[:, D : 2 * D] *= eval_gates(torch.tensor(0.0, dtype=torch.float64))
+    torch.testing.assert_close(gated(q, kv, attn_mask=per_head), plain(q, kv, attn_mask=per_head))
+    single = q[:, 0] if not batch_first else q[0]
+    torch.testing.assert_close(gated(single), gated(single[None] if batch_first else single[:, None]).squeeze(
+        0 if batch_first else 1
+    ))
+
+
+def test_prune_keeps_bias_kv_rows_of_the_kept_heads():
+    module = perturbed(add_bias_kv=True)
+    q, kv = inputs()
+    before = module(q, kv)
+    bias_k_kept = module.bias_k.view(H, D)[1:].clone()
+    assert module.prune() == [0]
+    assert module.bias_k.shape == (3 * D,)
+    torch.testing.assert_close(module.bias_k.view(3, D), bias_k_kept, rtol=0, atol=0)
+    torch.testing.assert_close(module(q, kv), before, rtol=1e-10, atol=1e-10)
+
+
+def test_from_torch_builds_gated_layers_with_open_gates():
+    theirs = torch.nn.MultiheadAttention(E, H, add_bias_kv=True, dtype=torch.float64).eval()
+    gated = GatedMultiheadAttention.from_torch(theirs, noise="batch")
+    assert isinstance(gated, GatedMultiheadAttention) and gated.noise == "batch"
+    x = torch.randn(NQ, B, E, dtype=torch.float64)
+    torch.testing.assert_close(gated(x), theirs(x, x, x)[0], rtol=1e-10, atol=1e-10)

@@ -194,13 +194,6 @@ def test_cost_is_linear_in_the_sequence_length():
     assert flops(mha, 1024) / flops(mha, 512) > 3.0
 
 
-def test_large_logits_and_bfloat16_stay_finite():
-    module = perturbed()
-    x = 1e3 * sequence()
-    assert torch.isfinite(module(x)).all()
-    out = module.to(torch.bfloat16)(sequence().bfloat16())
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="sharing"):

@@ -149,16 +149,6 @@ def test_kv_cache_is_self_attention_only():
         ours(x, x, cache=KVCache())
 
 
-def test_fully_masked_query_gives_zeros_not_nan():
-    ours = MultiheadAttention(E, H, bias=False)
-    x = torch.randn(2, 4, E)
-    key_mask = torch.tensor([[True] * 4, [False] * 4])
-    for return_attn in (False, True):
-        result = ours(x, key_mask=key_mask, return_attn=return_attn)
-        out = result[0] if return_attn else result
-        assert torch.isfinite(out).all()
-        assert torch.equal(out[1], torch.zeros(4, E))  # no bias: zero context -> zero output
-
 
 def test_dropout_only_in_training():
     ours = MultiheadAttention(E, H, dropout=0.5, out_dropout=0.5)
@@ -179,16 +169,23 @@ def test_bad_input_names_the_argument():
     x = torch.randn(2, 5, E)
     with pytest.raises(ValueError, match=f"query: expected D={E}"):
         ours(torch.randn(2, 5, E + 1))
-    with pytest.raises(ValueError, match="3-D tensor"):
-        ours(x[0])
+    with pytest.raises(ValueError, match=r"3-D tensor \(B, N, D\) or 2-D tensor \(N, D\)"):
+        ours(x[None])
+    with pytest.raises(ValueError, match="key: expected a 2-D tensor"):
+        ours(x[0], x)  # an unbatched query with batched keys
     with pytest.raises(TypeError, match="floating-point"):
         ours(x.long())
     with pytest.raises(ValueError, match="key_mask: shape"):
         ours(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="key_mask: expected a .* bool mask"):
-        ours(x, key_mask=torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="key_mask: expected a bool mask"):
+        ours(x, key_mask=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"key_mask: expected a \(B, N_k\) bool .* or additive float mask"):
+        ours(x, key_mask=torch.ones(5, dtype=torch.bool))  # (N_k,) is for unbatched inputs
     with pytest.raises(ValueError, match="attn_mask: shape"):
         ours(x, attn_mask=torch.ones(4, 5, dtype=torch.bool))
+    # (h, N_q, N_k) with B = 2: neither (B, ...) nor torch's (B*h, ...); the message lists both
+    with pytest.raises(ValueError, match=r"attn_mask: expected .*\(B\*h, N_q, N_k\).* got shape \(4, 5, 5\)"):
+        ours(x, attn_mask=torch.ones(H, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="key: expected B=2"):
         ours(x, torch.randn(3, 5, E))
     with pytest.raises(ValueError, match="empty"):
@@ -240,3 +237,233 @@ def test_onnx_export_with_batch_masks_and_dynamic_batch(mask_kind):
     mask3[2, 3:] = False
     result = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x3, mask3))})[0]
     torch.testing.assert_close(torch.from_numpy(result), model(x3, mask3), rtol=1e-4, atol=1e-4)
+
+
+# -- issue 10: the documented (B, N_q, N_k) mask, masks on another device -----------------------
+
+
+def einsum_reference(module, q, k, v, mask):
+    """softmax(Q_i K_i^T / sqrt(d) + M) V_i W^O from the paper, M broadcast to (B, h, N_q, N_k)
+    (bool True = may attend, or additive); float64, written without the module's code."""
+    d = module.head_dim
+    h = module.num_heads
+    wq, wk, wv = (p.weight.view(h, d, -1) for p in (module.q_proj, module.k_proj, module.v_proj))
+    bq, bk, bv = (p.bias.view(h, d) for p in (module.q_proj, module.k_proj, module.v_proj))
+    qh = torch.einsum("bnd,hkd->bhnk", q, wq) + bq[None, :, None]
+    kh = torch.einsum("bnd,hkd->bhnk", k, wk) + bk[None, :, None]
+    vh = torch.einsum("bnd,hkd->bhnk", v, wv) + bv[None, :, None]
+    logits = torch.einsum("bhik,bhjk->bhij", qh, kh) / math.sqrt(d)
+    logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    a = torch.softmax(logits, dim=-1)
+    heads = torch.einsum("bhij,bhjk->bihk", a, vh).reshape(q.shape[0], q.shape[1], -1)
+    return heads @ module.out_proj.weight.T + module.out_proj.bias
+
+
+def random_bool_mask(*shape, seed=7):
+    mask = torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.4
+    mask[..., 0] = True  # every query keeps a key
+    return mask
+
+
+@pytest.mark.parametrize("module_cls", ["mha", "gated_mha"])
+@pytest.mark.parametrize("batch", [1, 3, H])
+@pytest.mark.parametrize("return_attn", [False, True])
+def test_batch_mask_of_the_documented_shape_for_any_batch(module_cls, batch, return_attn):
+    """(B, N_q, N_k) is the same mask for every head, whatever B is (B = 3 used to raise)."""
+    torch.manual_seed(0)
+    module = attnzoo.create(module_cls, E, H, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+            proj.bias.add_(0.1 * torch.randn_like(proj.bias))  # gated_mha's gates stay open
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, NQ, E, generator=g, dtype=torch.float64)
+    kv = torch.randn(batch, NK, E, generator=g, dtype=torch.float64)
+    mask = random_bool_mask(batch, NQ, NK)
+    result = module(q, kv, attn_mask=mask, return_attn=return_attn)
+    out = result[0] if return_attn else result
+    expected = einsum_reference(module, q, kv, kv, mask[:, None])
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_head_mask_layout_equals_the_4d_mask():
+    """(B*h, N_q, N_k), items outer as torch lays it out, means (B, h, N_q, N_k)."""
+    torch.manual_seed(0)
+    module = MultiheadAttention(E, H, dtype=torch.float64)
+    q, k, v = inputs()
+    additive = torch.randn(B, H, NQ, NK, dtype=torch.float64)
+    expected = module(q, k, v, attn_mask=additive)
+    torch.testing.assert_close(module(q, k, v, attn_mask=additive.reshape(B * H, NQ, NK)), expected)
+    # and differs from the same numbers read head-outer (a transposed layout would pass otherwise)
+    wrong = additive.transpose(0, 1).reshape(B * H, NQ, NK)
+    assert not torch.allclose(module(q, k, v, attn_mask=wrong), expected)
+
+
+@pytest.mark.parametrize("module_cls", ["mha", "gated_mha"])
+@pytest.mark.parametrize("argument", ["attn_mask", "key_mask"])
+def test_a_mask_on_another_device_is_an_error_naming_both(module_cls, argument):
+    module = attnzoo.create(module_cls, E, H)
+    x = torch.randn(2, 5, E)
+    shape = (5, 5) if argument == "attn_mask" else (2, 5)
+    mask = torch.ones(shape, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match=f"{argument}: expected a tensor on cpu .* got one on meta"):
+        module(x, **{argument: mask})
+
+
+# -- issue 14: everything torch's MultiheadAttention has -------------------------------------------
+
+
+def randomised_torch(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    theirs = nn.MultiheadAttention(E, H, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+@pytest.mark.parametrize("add_zero_attn", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("return_attn", [False, True])
+def test_torch_options_match_torch(add_bias_kv, add_zero_attn, batch_first, return_attn):
+    theirs = randomised_torch(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, batch_first=batch_first)
+    ours = MultiheadAttention.from_torch(theirs)
+    assert (ours.bias_k is not None, ours.add_zero_attn, ours.batch_first) == (
+        add_bias_kv,
+        add_zero_attn,
+        batch_first,
+    )
+    q, k, v = inputs()
+    if not batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (N, B, D)
+    padded = torch.zeros(B, NK, dtype=torch.bool)
+    padded[0, -3:] = True
+    blocked = random_bool_mask(B * H, NQ, NK, seed=3)
+    expected, expected_maps = theirs(q, k, v, key_padding_mask=padded, attn_mask=~blocked)
+    result = ours(q, k, v, key_mask=~padded, attn_mask=blocked, return_attn=return_attn)
+    out = result[0] if return_attn else result
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    if return_attn:
+        extra = add_bias_kv + add_zero_attn
+        assert result[1].shape == (B, NQ, NK + extra)  # one column per extra key, as torch
+        torch.testing.assert_close(result[1], expected_maps, rtol=1e-10, atol=1e-10)
+
+
+def test_bias_kv_and_zero_attn_from_the_definition():
+    """The extra keys, written out: K' = [K W^K; bias_k; 0], V' = [V W^V; bias_v; 0] per head."""
+    torch.manual_seed(5)
+    ours = MultiheadAttention(E, H, add_bias_kv=True, add_zero_attn=True, dtype=torch.float64)
+    with torch.no_grad():
+        ours.q_proj.bias.normal_()
+        ours.k_proj.bias.normal_()
+        ours.v_proj.bias.normal_()
+    q, k, v = inputs()
+    d = E // H
+    qh = (q @ ours.q_proj.weight.T + ours.q_proj.bias).view(B, NQ, H, d)
+    kh = torch.cat([k @ ours.k_proj.weight.T + ours.k_proj.bias, ours.bias_k.expand(B, 1, E)], 1)
+    vh = torch.cat([v @ ours.v_proj.weight.T + ours.v_proj.bias, ours.bias_v.expand(B, 1, E)], 1)
+    kh = torch.cat([kh.view(B, NK + 1, H, d), torch.zeros(B, 1, H, d, dtype=torch.float64)], 1)
+    vh = torch.cat([vh.view(B, NK + 1, H, d), torch.zeros(B, 1, H, d, dtype=torch.float64)], 1)
+    a = torch.softmax(torch.einsum("bihd,bjhd->bhij", qh, kh) / math.sqrt(d), dim=-1)
+    expected = torch.einsum("bhij,bjhd->bihd", a, vh).reshape(B, NQ, E) @ ours.out_proj.weight.T
+    torch.testing.assert_close(ours(q, k, v), expected + ours.out_proj.bias, rtol=1e-10, atol=1e-10)
+    _, maps = ours(q, k, v, return_attn=True, average_heads=False)
+    torch.testing.assert_close(maps, a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+def test_causal_with_extra_keys_sees_them_from_every_query(add_bias_kv):
+    """Causality is over the real keys; bias_k and the zero key stay visible (torch pads its mask)."""
+    theirs = randomised_torch(add_bias_kv=add_bias_kv, add_zero_attn=True, batch_first=True)
+    ours = MultiheadAttention.from_torch(theirs)
+    x = inputs()[0]
+    future = torch.ones(NQ, NQ, dtype=torch.bool).triu(1)  # torch: True = masked
+    expected = theirs(x, x, x, attn_mask=future)[0]
+    torch.testing.assert_close(ours(x, causal=True), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours(x, causal=True, return_attn=True)[0], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unbatched_inputs_match_torch(batch_first):
+    theirs = randomised_torch(add_bias_kv=True, batch_first=batch_first)
+    ours = MultiheadAttention.from_torch(theirs)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(NQ, E, generator=g, dtype=torch.float64)
+    kv = torch.randn(NK, E, generator=g, dtype=torch.float64)
+    padded = torch.tensor([False] * (NK - 2) + [True] * 2)
+    per_head = random_bool_mask(H, NQ, NK, seed=8)
+    expected, expected_maps = theirs(
+        q, kv, kv, key_padding_mask=padded, attn_mask=~per_head, average_attn_weights=False
+    )
+    out, maps = ours(q, kv, key_mask=~padded, attn_mask=per_head, return_attn=True, average_heads=False)
+    assert out.shape == (NQ, E) and maps.shape == (H, NQ, NK + 1)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-10, atol=1e-10)
+    # the same as a batch of one
+    torch.testing.assert_close(ours(q, kv)[None] if batch_first else ours(q, kv)[:, None],
+                               ours(q[None], kv[None]) if batch_first else ours(q[:, None], kv[:, None]))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"bias": False}, {"kdim": 6, "vdim": 10}, {"add_bias_kv": True, "add_zero_attn": True}],
+)
+def test_torch_state_dict_loads_directly(options):
+    theirs = randomised_torch(**options)
+    ours = MultiheadAttention(
+        E,
+        H,
+        kdim=options.get("kdim"),
+        vdim=options.get("vdim"),
+        bias=options.get("bias", True),
+        add_bias_kv=options.get("add_bias_kv", False),
+        add_zero_attn=options.get("add_zero_attn", False),
+        dtype=torch.float64,
+    )
+    ours.load_state_dict(theirs.state_dict())  # strict: every key maps
+    q, k, v = inputs(kdim=options.get("kdim", E), vdim=options.get("vdim", E))
+    theirs.batch_first = True
+    torch.testing.assert_close(ours(q, k, v), theirs(q, k, v)[0], rtol=1e-10, atol=1e-10)
+    # our own state_dict still round-trips
+    again = MultiheadAttention(E, H, **options, dtype=torch.float64)
+    again.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(again(q, k, v), ours(q, k, v), rtol=0, atol=0)
+
+
+def test_a_torch_state_dict_that_cannot_map_is_a_clear_error():
+    with_bias_kv = randomised_torch(add_bias_kv=True).state_dict()
+    with pytest.raises(RuntimeError, match="bias_k: .* add_bias_kv=True, but this one was built without"):
+        MultiheadAttention(E, H).load_state_dict(with_bias_kv)
+    with pytest.raises(RuntimeError, match="in_proj_bias: .* built with bias=False"):
+        MultiheadAttention(E, H, bias=False).load_state_dict(randomised_torch().state_dict())
+    other_width = nn.MultiheadAttention(2 * E, H).state_dict()
+    with pytest.raises(RuntimeError, match=r"in_proj_weight: expected torch's packed .* \(48, 16\)"):
+        MultiheadAttention(E, H).load_state_dict(other_width)
+
+
+def test_from_torch_keeps_layout_dropout_and_mode():
+    theirs = nn.MultiheadAttention(E, H, dropout=0.25, batch_first=False, add_zero_attn=True).train()
+    ours = MultiheadAttention.from_torch(theirs)
+    assert (ours.batch_first, ours.dropout, ours.training, ours.add_zero_attn) == (False, 0.25, True, True)
+    assert not MultiheadAttention.from_torch(theirs.eval()).training
+
+
+def test_new_options_stay_on_the_fused_path():
+    """No N x N matrix without maps, with every new option (the op recorder sees every buffer)."""
+    from attnzoo.testing import OpRecorder
+
+    n = 128
+    ours = MultiheadAttention(32, 4, add_bias_kv=True, add_zero_attn=True, batch_first=False).eval()
+    x = torch.randn(n, 2, 32)
+    key_mask = torch.zeros(2, n)
+    key_mask[1, -5:] = float("-inf")
+    for call in (
+        lambda: ours(x),
+        lambda: ours(x, key_mask=key_mask),
+        lambda: ours(x[:, 0]),  # unbatched
+        lambda: ours(x, causal=True),  # the extra keys in front, the fused causal kernel
+    ):
+        with torch.no_grad(), OpRecorder() as recorder:
+            call()
+        assert recorder.ran("scaled_dot_product")
+        assert recorder.largest_storage < n * n, recorder.formed(lambda size: size >= n * n)

@@ -1,18 +1,31 @@
-"""Pieces shared by the multi-head sequence modules: head sizes, head layout, inputs and masks.
+"""Pieces shared by the multi-head modules: head sizes, head layout, inputs, masks and the tail.
 
-Private (not auto-imported as a mechanism). Used by mha, gated_mha, linformer, synthesizer, sha
-and graph_self_attention, so that each of these is written once.
+Used by mha, gated_mha, linformer, synthesizer, sha and graph_self_attention, so that each of
+these is written once: split the projected tokens into heads (:func:`split_heads`), combine the
+attention and key-padding masks for every head (:func:`merge_masks_for_heads`), and, after the
+attention, merge the heads, project them and average the maps (:func:`project_heads`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_input, check_mask
-from attnzoo.functional.attend import and_masks, key_padding_to_mask
 
-__all__ = ["check_heads", "merge_heads", "merge_masks_for_heads", "resolve_key_value", "split_heads"]
+__all__ = [
+    "check_heads",
+    "combine_masks",
+    "merge_heads",
+    "merge_masks_for_heads",
+    "pad_mask",
+    "project_heads",
+    "resolve_key_value",
+    "split_heads",
+]
 
 
 def check_heads(embed_dim: int, num_heads: int) -> int:
@@ -46,20 +59,127 @@ def merge_heads(x: Tensor) -> Tensor:
     return merged.view(batch, length, heads * width)
 
 
+def project_heads(
+    heads: Tensor,
+    out_proj: Callable[[Tensor], Tensor],
+    maps: Tensor | None = None,
+    *,
+    average_heads: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The multi-head tail: ``out = Concat(head_1, ..., head_h) W^O``, and the maps if any.
+
+    Args:
+        heads: (B, h, N_q, d), the attention output of every head.
+        out_proj: W^O, any module or function on (B, N_q, h*d) (``nn.Linear``, or one with dropout).
+        maps: (B, h, N_q, N_k) attention weights, or None when they were not requested.
+        average_heads: return the maps averaged over the heads, (B, N_q, N_k).
+
+    Returns:
+        ``out`` (B, N_q, E) when ``maps`` is None, else ``(out, maps)``.
+    """
+    merged = merge_heads(heads)  # (B, h, N_q, d) -> (B, N_q, h*d)
+    # the caller may still hold `heads`; the merged copy is ours alone: free it before returning
+    out = out_proj(merged)
+    del merged
+    if maps is None:
+        return out
+    return out, (maps.mean(dim=1) if average_heads else maps)
+
+
 def resolve_key_value(
-    query: Tensor, key: Tensor | None, value: Tensor | None, *, embed_dim: int, kdim: int, vdim: int
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    *,
+    embed_dim: int,
+    kdim: int,
+    vdim: int,
+    layouts: tuple[str, ...] = ("B N D",),
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Check (B, N, D) query/key/value and default them: key = query, value = key (self-attention)."""
-    check_input(query, "query", "B N D", D=embed_dim)
+    """Check query/key/value and default them: key = query, value = key (self-attention).
+
+    ``layouts`` are the query's accepted layouts (``"B N D"``, ``"N B D"`` for sequence-first,
+    ``"N D"`` unbatched); key and value must have the query's. Checked in the caller's layout, so
+    that messages name the dims the caller passed. ``dtype`` (the module's parameters') is the
+    query's required dtype; key and value must have the query's (both checks are skipped under
+    autocast).
+    """
+    check_input(query, "query", layouts, D=embed_dim, dtype=dtype)
+    layout = next(lay for lay in layouts if len(lay.split()) == query.dim())
+    dims = layout.split()
+    batch = {"B": query.shape[dims.index("B")]} if "B" in dims else {}
     key = query if key is None else key
     value = key if value is None else value
     # self-attention passes one tensor three times: check it once (each check costs ~10 us, which
     # shows in short-sequence and decoding steps)
+    same_dtype = {"dtype": query.dtype, "dtype_source": "query"}
     if key is not query or kdim != embed_dim:
-        check_input(key, "key", "B N D", B=query.shape[0], D=kdim)
+        check_input(key, "key", layout, D=kdim, **batch, **same_dtype)
     if value is not key or vdim != kdim:
-        check_input(value, "value", "B N D", B=query.shape[0], N=key.shape[1], D=vdim)
+        check_input(value, "value", layout, N=key.shape[dims.index("N")], D=vdim, **batch, **same_dtype)
     return key, value
+
+
+def combine_masks(mask: Tensor | None, other: Tensor | None) -> Tensor | None:
+    """Both restrictions at once: bool masks (True = may attend) are and-ed, additive ones added,
+    a bool mask applied to an additive one as -inf; None is no restriction."""
+    if mask is None or other is None:
+        return other if mask is None else mask
+    if mask.dtype == torch.bool and other.dtype == torch.bool:
+        return mask & other
+    if mask.dtype == torch.bool:
+        return other.masked_fill(~mask, float("-inf"))
+    if other.dtype == torch.bool:
+        return mask.masked_fill(~other, float("-inf"))
+    return mask + other
+
+
+def pad_mask(mask: Tensor, extra: int) -> Tensor:
+    """Append ``extra`` key columns that every query may attend to (True, or additive 0)."""
+    # (..., N_q, N_k) -> (..., N_q, N_k + extra)
+    return F.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
+
+
+def _key_padding(
+    key_mask: Tensor, batch: int, n_k: int, *, device: torch.device | None, additive: bool
+) -> Tensor:
+    """Check a (B, N_k) key mask and return it as (B, 1, N_k): bool (True = real key) or, where
+    ``additive``, a float added to the logits of each key (-inf at padding)."""
+    check_mask(key_mask, "key_mask", (batch, n_k), device=device)
+    if key_mask.dim() != 2 or not (key_mask.dtype == torch.bool or additive):
+        wanted = "bool (True = real key) or additive float" if additive else "bool (True = real key)"
+        raise TypeError(
+            f"key_mask: expected a (B, N_k) {wanted} mask, got {key_mask.dtype} of shape "
+            f"{tuple(key_mask.shape)}"
+        )
+    return key_mask.unsqueeze(1)  # (B, N_k) -> (B, 1, N_k): the same for every query
+
+
+def _attn_mask_for_heads(
+    attn_mask: Tensor, *, batch: int, n_q: int, n_k: int, num_heads: int, device: torch.device | None
+) -> Tensor:
+    """An attention mask broadcastable to (B, h, N_q, N_k), from any of the accepted layouts."""
+    accepted = (
+        f"a mask of shape (N_q, N_k), (B, N_q, N_k), (B*h, N_q, N_k) or (B, h, N_q, N_k) with B={batch}, "
+        f"h={num_heads}, N_q={n_q}, N_k={n_k}"
+    )
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask: expected {accepted}, got {type(attn_mask).__name__}")
+    rank = attn_mask.dim()
+    if rank not in (2, 3, 4):
+        raise ValueError(f"attn_mask: expected {accepted}, got shape {tuple(attn_mask.shape)}")
+    if rank == 3 and attn_mask.shape[0] not in (1, batch):
+        if attn_mask.shape[0] != batch * num_heads:
+            raise ValueError(f"attn_mask: expected {accepted}, got shape {tuple(attn_mask.shape)}")
+        # torch's layout: one mask per (item, head), items outer, as (B*h, N_q, N_k)
+        check_mask(attn_mask, "attn_mask", (batch * num_heads, n_q, n_k), device=device)
+        # (B*h, N_q', N_k') -> (B, h, N_q', N_k'); N_q' and N_k' may be 1 (broadcast)
+        return attn_mask.reshape(batch, num_heads, *attn_mask.shape[1:])
+    target = {2: (n_q, n_k), 3: (batch, n_q, n_k), 4: (batch, num_heads, n_q, n_k)}[rank]
+    check_mask(attn_mask, "attn_mask", target, device=device)
+    # (B, N_q, N_k) -> (B, 1, N_q, N_k): the same mask for every head
+    return attn_mask.unsqueeze(1) if rank == 3 else attn_mask
 
 
 def merge_masks_for_heads(
@@ -70,26 +190,30 @@ def merge_masks_for_heads(
     n_q: int,
     n_k: int,
     num_heads: int | None,
+    device: torch.device | None = None,
+    additive_key_mask: bool = False,
 ) -> Tensor | None:
     """One mask (bool True = may attend, or additive) from an attention mask and key padding.
 
     With ``num_heads`` the result broadcasts to (B, h, N_q, N_k): ``attn_mask`` may be (N_q, N_k),
-    (B, N_q, N_k) (the same for every head) or (B, h, N_q, N_k). With ``num_heads=None`` (one
-    head, (B, N, D) operands) it broadcasts to (B, N_q, N_k). ``key_mask`` is (B, N_k) bool,
-    True at real keys.
+    (B, N_q, N_k) (the same for every head), (B*h, N_q, N_k) (torch's layout: one per item and
+    head, items outer) or (B, h, N_q, N_k). With ``num_heads=None`` (one head, (B, N, D)
+    operands) it broadcasts to (B, N_q, N_k). ``key_mask`` is (B, N_k) bool, True at real keys,
+    or with ``additive_key_mask`` also a float added to each key's logits. With ``device``
+    (the input's), a mask elsewhere is an error naming both devices.
     """
     mask = None
     if attn_mask is not None:
         if num_heads is None:
-            check_mask(attn_mask, "attn_mask", (batch, n_q, n_k))
+            check_mask(attn_mask, "attn_mask", (batch, n_q, n_k), device=device)
             mask = attn_mask
         else:
-            check_mask(attn_mask, "attn_mask", (batch, num_heads, n_q, n_k))
-            # (B, N_q, N_k) -> (B, 1, N_q, N_k): the same mask for every head
-            mask = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask
+            mask = _attn_mask_for_heads(
+                attn_mask, batch=batch, n_q=n_q, n_k=n_k, num_heads=num_heads, device=device
+            )
     if key_mask is not None:
-        padding = key_padding_to_mask(key_mask, batch, n_k)  # (B, 1, N_k)
+        padding = _key_padding(key_mask, batch, n_k, device=device, additive=additive_key_mask)
         if num_heads is not None:
             padding = padding.unsqueeze(1)  # (B, 1, N_k) -> (B, 1, 1, N_k): every head and query
-        mask = and_masks(mask, padding)
+        mask = combine_masks(mask, padding)
     return mask

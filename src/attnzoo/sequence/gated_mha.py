@@ -17,16 +17,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, register, sequence_input
-from attnzoo.sequence._heads import (
-    check_heads,
-    merge_heads,
-    merge_masks_for_heads,
-    resolve_key_value,
-    split_heads,
+from attnzoo.functional.heads import check_heads, merge_masks_for_heads
+from attnzoo.registry import (
+    Paper,
+    Sample,
+    attn_mask_sample,
+    causal,
+    cross_inputs,
+    key_mask_sample,
+    register,
+    sequence_input,
 )
-from attnzoo.sequence.mha import MultiheadAttention
+from attnzoo.sequence.mha import KVCache, MultiheadAttention
 
 __all__ = ["GatedMultiheadAttention"]
 
@@ -36,6 +38,8 @@ _NOISES = ("token", "sample", "batch")
 
 @register(
     "gated_mha",
+    map_kind="pairwise",
+    linear_memory=True,
     family="sequence",
     paper=Paper(
         "Analyzing Multi-Head Self-Attention: Specialized Heads Do the Heavy Lifting, the Rest Can Be Pruned",
@@ -52,13 +56,27 @@ _NOISES = ("token", "sample", "batch")
     notes="Training gates draw one noise per head and query position by default (noise='token'); the "
     "official code draws one per head per step (noise='batch'). log_alpha starts at log 11, the smallest "
     "value whose deterministic gate is exactly 1: the layer starts as plain multi-head attention.",
+    samples=(
+        key_mask_sample(thorough=True),
+        attn_mask_sample("attn_mask_3d"),
+        attn_mask_sample("attn_mask_4d", heads=4),
+        Sample("causal", forward_kwargs=causal, description="causal self-attention"),
+        Sample("cross", inputs=cross_inputs, description="cross-attention to a longer memory"),
+        key_mask_sample("cross_key_mask", key_input=1, self_attention=False, inputs=cross_inputs),
+        # gates half open (log a = 0): with few draws (B h, or h), open gates (log 11) often have
+        # no draw inside (0, 1), where the clamp passes log_alpha a gradient
+        Sample("noise=sample", {"noise": "sample", "init_log_alpha": 0.0}, description="a gate per sequence"),
+        Sample("noise=batch", {"noise": "batch", "init_log_alpha": 0.0}, description="a gate per batch"),
+    ),
 )
-class GatedMultiheadAttention(nn.Module):
+class GatedMultiheadAttention(MultiheadAttention):
     """Multi-head attention whose heads are scaled by stochastic gates, for L0 head pruning.
 
     ``out = Concat(g_1 head_1, ..., g_h head_h) W^O`` with ``head_i`` as in
-    :class:`~attnzoo.sequence.mha.MultiheadAttention` and a gate per head drawn from the hard
-    concrete distribution (Louizos et al. 2018):
+    :class:`~attnzoo.sequence.mha.MultiheadAttention` (which this extends: every option, mask
+    layout and input form of ``mha`` holds here; only the heads are scaled, in
+    :meth:`scale_heads`) and a gate per head drawn from the hard concrete distribution
+    (Louizos et al. 2018):
 
     ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log a_i) / beta)``,
     ``g_i = min(1, max(0, s (r - l) + l))`` with stretch (l, r) = (-0.1, 1.1) and temperature
@@ -78,10 +96,8 @@ class GatedMultiheadAttention(nn.Module):
     Args:
         embed_dim: model width d.
         num_heads: h; must divide ``embed_dim``.
-        kdim, vdim: widths of keys and values (default ``embed_dim``).
-        bias: biases in the four projections.
-        dropout: dropout on the attention weights (training only).
-        out_dropout: dropout on the output (training only).
+        kdim, vdim, bias, add_bias_kv, add_zero_attn, batch_first, dropout, out_dropout: as in
+            :class:`~attnzoo.sequence.mha.MultiheadAttention`.
         temperature: beta (paper and official code: 0.33).
         stretch: (l, r), with l < 0 and r > 1 (paper: (-0.1, 1.1)).
         init_log_alpha: the initial log a (default log((1 - l)/(r - 1)): gates start fully open).
@@ -91,13 +107,8 @@ class GatedMultiheadAttention(nn.Module):
         eps: the uniform noise is drawn from (eps, 1 - eps) (official: 1e-6).
 
     Shape:
-        - query: (B, N_q, embed_dim); key: (B, N_k, kdim), default the query; value:
-          (B, N_k, vdim), default the key.
-        - key_mask: (B, N_k) bool, True at real (not padded) keys.
-        - attn_mask: bool (True = may attend) or additive float, of shape (N_q, N_k),
-          (B, N_q, N_k) or (B, h, N_q, N_k) (h: the heads left after pruning).
-        - output: (B, N_q, embed_dim); maps (``return_attn``, before gating): (B, N_q, N_k)
-          averaged over heads, or (B, h, N_q, N_k) with ``average_heads=False``.
+        As :class:`~attnzoo.sequence.mha.MultiheadAttention` (h: the heads left after pruning);
+        the maps (``return_attn``) are the weights before gating.
 
     Example:
         >>> layer = GatedMultiheadAttention(64, 8)
@@ -114,6 +125,9 @@ class GatedMultiheadAttention(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        batch_first: bool = True,
         dropout: float = 0.0,
         out_dropout: float = 0.0,
         temperature: float = 0.33,
@@ -124,10 +138,7 @@ class GatedMultiheadAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         check_heads(embed_dim, num_heads)
-        if not 0.0 <= dropout < 1.0 or not 0.0 <= out_dropout < 1.0:
-            raise ValueError(f"dropout: expected probabilities in [0, 1), got {dropout}, {out_dropout}")
         if not temperature > 0:
             raise ValueError(f"temperature: expected a positive beta, got {temperature}")
         low, high = stretch
@@ -137,35 +148,42 @@ class GatedMultiheadAttention(nn.Module):
             raise ValueError(f"noise: expected one of {_NOISES}, got {noise!r}")
         if not 0.0 <= eps < 0.5:
             raise ValueError(f"eps: expected a value in [0, 0.5), got {eps}")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self.dropout, self.temperature, self.stretch = dropout, temperature, (low, high)
+        # q_proj .. v_proj have num_heads * head_dim rows, which shrink when heads are pruned;
+        # embed_dim does not
+        super().__init__(
+            embed_dim,
+            num_heads,
+            kdim=kdim,
+            vdim=vdim,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            batch_first=batch_first,
+            dropout=dropout,
+            out_dropout=out_dropout,
+            device=device,
+            dtype=dtype,
+        )
+        self.temperature, self.stretch = temperature, (low, high)
         self.noise, self.eps = noise, eps
         self.init_log_alpha = (
             math.log((1.0 - low) / (high - 1.0)) if init_log_alpha is None else init_log_alpha
         )
-        factory = {"device": device, "dtype": dtype}
-        inner = num_heads * self.head_dim  # shrinks when heads are pruned; embed_dim does not
-        self.q_proj = nn.Linear(embed_dim, inner, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, inner, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, inner, bias=bias, **factory)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **factory)
-        self.out_dropout = nn.Dropout(out_dropout)
-        self.log_alpha = nn.Parameter(torch.empty(num_heads, **factory))
-        self.reset_parameters()
+        self.log_alpha = nn.Parameter(torch.empty(num_heads, device=device, dtype=dtype))
+        self._reset_gates()
 
     def reset_parameters(self) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+        super().reset_parameters()
+        if hasattr(self, "log_alpha"):  # absent while MultiheadAttention.__init__ runs
+            self._reset_gates()
+
+    def _reset_gates(self) -> None:
         nn.init.constant_(self.log_alpha, self.init_log_alpha)
 
     def extra_repr(self) -> str:
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
-            f"temperature={self.temperature}, stretch={self.stretch}, noise={self.noise!r}"
+            f"{super().extra_repr()}, temperature={self.temperature}, stretch={self.stretch}, "
+            f"noise={self.noise!r}"
         )
 
     @classmethod
@@ -182,6 +200,9 @@ class GatedMultiheadAttention(nn.Module):
             kdim=module.kdim,
             vdim=module.vdim,
             bias=module.q_proj.bias is not None,
+            add_bias_kv=module.bias_k is not None,
+            add_zero_attn=module.add_zero_attn,
+            batch_first=module.batch_first,
             dropout=module.dropout,
             out_dropout=module.out_dropout.p,
             device=weight.device,
@@ -255,65 +276,66 @@ class GatedMultiheadAttention(nn.Module):
         self.k_proj = _take_rows(self.k_proj, rows)
         self.v_proj = _take_rows(self.v_proj, rows)
         self.out_proj = _take_columns(self.out_proj, rows)
+        if self.bias_k is not None and self.bias_v is not None:
+            self.bias_k = nn.Parameter(self.bias_k[rows].clone(), requires_grad=self.bias_k.requires_grad)
+            self.bias_v = nn.Parameter(self.bias_v[rows].clone(), requires_grad=self.bias_v.requires_grad)
         self.log_alpha = nn.Parameter(self.log_alpha[heads_kept].clone())
         self.num_heads = len(keep)
         return removed
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        *,
-        key_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        causal: bool = False,
-        return_attn: bool = False,
-        average_heads: bool = True,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Gated multi-head attention from ``query`` to ``key``/``value`` (self when None)."""
-        key, value = resolve_key_value(
-            query, key, value, embed_dim=self.embed_dim, kdim=self.kdim, vdim=self.vdim
-        )
-        batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
-        # after pruning every head, a mask is still checked against one head
-        heads_for_mask = max(self.num_heads, 1)
-        mask = merge_masks_for_heads(
-            attn_mask, key_mask, batch=batch, n_q=n_q, n_k=n_k, num_heads=heads_for_mask
-        )
-
-        if self.num_heads == 0:
-            # every head pruned: only the output bias is left
-            out = self.out_dropout(self.out_proj(query.new_zeros(batch, n_q, 0)))
-            if not return_attn:
-                return out
-            empty = query.new_zeros(batch, 0, n_q, n_k)
-            return out, (query.new_zeros(batch, n_q, n_k) if average_heads else empty)
-
-        q = split_heads(self.q_proj(query), self.num_heads)  # (B, N_q, h*d) -> (B, h, N_q, d)
-        k = split_heads(self.k_proj(key), self.num_heads)  # (B, h, N_k, d)
-        v = split_heads(self.v_proj(value), self.num_heads)  # (B, h, N_k, d)
-        result = attend(
-            q,
-            k,
-            v,
-            mask=mask,
-            causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            return_weights=return_attn,
-        )
-        heads, maps = result if isinstance(result, tuple) else (result, None)
+    def scale_heads(self, heads: Tensor) -> Tensor:
+        """``g_i head_i``: the heads (B, h, N_q, d) times their gates (sampled in training)."""
         if self.training:
-            gates = self.sample_gates(batch, n_q)  # (B or 1, h, N_q or 1, 1)
+            gates = self.sample_gates(heads.shape[0], heads.shape[2])  # (B or 1, h, N_q or 1, 1)
         else:
             gates = self.gates().view(1, -1, 1, 1)  # (h,) -> (1, h, 1, 1)
-        heads = heads * gates.to(heads.dtype)
-        out = self.out_dropout(self.out_proj(merge_heads(heads)))  # (B, h, N_q, d) -> (B, N_q, h*d)
-        if maps is None:
+        return heads * gates.to(heads.dtype)
+
+    def _attend_heads(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        key_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        causal: bool,
+        return_attn: bool,
+        average_heads: bool,
+        cache: KVCache | None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if self.num_heads > 0:
+            return super()._attend_heads(
+                query,
+                key,
+                value,
+                key_mask=key_mask,
+                attn_mask=attn_mask,
+                causal=causal,
+                return_attn=return_attn,
+                average_heads=average_heads,
+                cache=cache,
+            )
+        # every head pruned: only the output bias is left; masks are still checked, against one head
+        batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        merge_masks_for_heads(
+            attn_mask,
+            key_mask,
+            batch=batch,
+            n_q=n_q,
+            n_k=n_k,
+            num_heads=1,
+            device=query.device,
+            additive_key_mask=True,
+        )
+        out = self._output(query.new_zeros(batch, n_q, 0))
+        if not return_attn:
             return out
-        return out, (maps.mean(dim=1) if average_heads else maps)
+        n_k += (self.bias_k is not None) + self.add_zero_attn  # the extra keys' columns
+        maps = query.new_zeros(batch, n_q, n_k) if average_heads else query.new_zeros(batch, 0, n_q, n_k)
+        return out, maps
 
 
 def _take_rows(layer: nn.Linear, rows: Tensor) -> nn.Linear:

@@ -13,15 +13,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo.functional.attend import attend, key_padding_to_mask
-from attnzoo.registry import Paper, register, sequence_input
-from attnzoo.sequence._heads import check_heads, merge_heads, resolve_key_value, split_heads
+from attnzoo._checks import check_dtypes, check_positive, check_variant
+from attnzoo.functional.attend import attend_with_weights, key_padding_to_mask
+from attnzoo.functional.heads import check_heads, project_heads, resolve_key_value, split_heads
+from attnzoo.registry import Paper, Sample, example_sequence, key_mask_sample, register, sequence_input
 
 __all__ = ["Linformer", "LinformerProjection"]
 
 Sharing = Literal["none", "headwise", "kv", "layerwise"]
 SHARING: tuple[str, ...] = ("none", "headwise", "kv", "layerwise")
-_VARIANTS = ("paper", "official")
 
 
 class LinformerProjection(nn.Module):
@@ -52,9 +52,7 @@ class LinformerProjection(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("max_seq_len", max_seq_len), ("proj_dim", proj_dim), ("num_heads", num_heads)):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive size, got {value}")
+        check_positive(max_seq_len=max_seq_len, proj_dim=proj_dim, num_heads=num_heads)
         self.max_seq_len, self.proj_dim, self.num_heads = max_seq_len, proj_dim, num_heads
         self.weight = nn.Parameter(torch.empty(num_heads, proj_dim, max_seq_len, device=device, dtype=dtype))
         self.reset_parameters()
@@ -83,6 +81,8 @@ class LinformerProjection(nn.Module):
 
 @register(
     "linformer",
+    map_kind="pairwise",
+    linear_memory=True,
     family="sequence",
     paper=Paper("Linformer: Self-Attention with Linear Complexity", "2006.04768"),
     equation="head_i = softmax(Q W_i^Q (E_i K W_i^K)^T / sqrt(d_k)) F_i V W_i^V, E_i, F_i in R^{k x n}, "
@@ -96,6 +96,21 @@ class LinformerProjection(nn.Module):
     notes="sharing: 'none' (E_i, F_i per head, the paper's eq. 7), 'headwise', 'kv', 'layerwise' "
     "(pass one LinformerProjection as shared_projection to several layers). variant='official' "
     "compresses the inputs before W^K, W^V as fairseq does (needs a projection shared by the heads).",
+    samples=(
+        key_mask_sample(),
+        Sample(
+            "cross",
+            inputs=lambda s: (example_sequence(s, length=s.extent - 3), example_sequence(s, seed=1)),
+            description="fewer queries than the memory's max_seq_len keys",
+        ),
+        Sample("sharing=headwise", {"sharing": "headwise"}, description="one E, F per layer"),
+        Sample("sharing=kv", {"sharing": "kv"}, description="E = F"),
+        Sample(
+            "variant=official",
+            {"variant": "official", "sharing": "headwise"},
+            description="E X before W^K (fairseq), one projection for every head",
+        ),
+    ),
 )
 class Linformer(nn.Module):
     """Multi-head linear self-attention: keys and values projected along the sequence to k rows.
@@ -160,15 +175,12 @@ class Linformer(nn.Module):
     ) -> None:
         super().__init__()
         check_heads(embed_dim, num_heads)
-        if max_seq_len <= 0:
-            raise ValueError(f"max_seq_len: expected a positive length, got {max_seq_len}")
+        check_positive(max_seq_len=max_seq_len)
         proj_dim = max(1, max_seq_len // 4) if proj_dim is None else proj_dim
-        if proj_dim <= 0:
-            raise ValueError(f"proj_dim: expected a positive length, got {proj_dim}")
+        check_positive(proj_dim=proj_dim)
         if sharing not in SHARING:
             raise ValueError(f"sharing: expected one of {SHARING}, got {sharing!r}")
-        if variant not in _VARIANTS:
-            raise ValueError(f"variant: expected one of {_VARIANTS}, got {variant!r}")
+        check_variant(variant)
         if variant == "official" and sharing == "none":
             raise ValueError(
                 "variant: 'official' compresses the inputs before the per-head split, so it needs a "
@@ -250,6 +262,7 @@ class Linformer(nn.Module):
         """Attend from ``query`` to the k projected keys and values (self-attention when None)."""
         e = self.embed_dim
         key, value = resolve_key_value(query, key, value, embed_dim=e, kdim=e, vdim=e)
+        check_dtypes(self, query=query, key=key, value=value)
         batch, n_k = query.shape[0], key.shape[1]
         if n_k > self.max_seq_len:
             raise ValueError(
@@ -258,7 +271,8 @@ class Linformer(nn.Module):
             )
         keep = None
         if key_mask is not None:
-            keep = key_padding_to_mask(key_mask, batch, n_k).transpose(1, 2)  # (B, 1, N_k) -> (B, N_k, 1)
+            # (B, 1, N_k) -> (B, N_k, 1)
+            keep = key_padding_to_mask(key_mask, batch, n_k, key.device).transpose(1, 2)
 
         proj_v = self.proj_v if self.proj_v is not None else self.proj_k
         q = split_heads(self.q_proj(query), self.num_heads)  # (B, h, N, d)
@@ -276,15 +290,12 @@ class Linformer(nn.Module):
             k = self.proj_k(split_heads(k_full, self.num_heads))  # (B, h, N_k, d) -> (B, h, k, d)
             v = proj_v(split_heads(v_full, self.num_heads))  # (B, h, N_k, d) -> (B, h, k, d)
 
-        result = attend(
+        heads, maps = attend_with_weights(
             q,
             k,
             v,
             dropout_p=self.dropout if self.training else 0.0,
             return_weights=return_attn,
         )
-        heads, maps = result if isinstance(result, tuple) else (result, None)
-        out = self.out_proj(merge_heads(heads))  # (B, h, N, d) -> (B, N, E)
-        if maps is None:
-            return out
-        return out, (maps.mean(dim=1) if average_heads else maps)
+        # (B, h, N, d) -> (B, N, E), and the maps averaged over heads unless asked otherwise
+        return project_heads(heads, self.out_proj, maps, average_heads=average_heads)

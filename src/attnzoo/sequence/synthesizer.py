@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import and_masks, attend
-from attnzoo.registry import Paper, register, sequence_input
-from attnzoo.sequence._heads import check_heads, merge_heads, merge_masks_for_heads, split_heads
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.attend import and_masks, attend_with_weights
+from attnzoo.functional.heads import check_heads, merge_masks_for_heads, project_heads, split_heads
+from attnzoo.registry import Paper, Sample, causal, key_mask_sample, register, sequence_input
 
 __all__ = ["COMPONENTS", "Synthesizer"]
 
@@ -60,6 +60,7 @@ def _factors(length: int, a: int | None, b: int | None) -> tuple[int, int]:
 
 @register(
     "synthesizer",
+    map_kind="pairwise",
     family="sequence",
     paper=Paper("Synthesizer: Rethinking Self-Attention in Transformer Models", "2005.00743"),
     equation="Y = softmax(B) G(X); dense: B_i = F2(relu(F1(X_i))) in R^l; random: B = R in R^{l x l}; "
@@ -74,6 +75,15 @@ def _factors(length: int, a: int | None, b: int | None) -> tuple[int, int]:
     notes="mixture='sum' adds the components' logits with weight 1 as the official LRA code does (the "
     "paper mixes with learned weights alpha summing to 1). tiling='tile' takes the paper's text literally "
     "for factorized dense (both vectors tiled), which degenerates when gcd(a, b) > 1.",
+    samples=(
+        key_mask_sample(),
+        Sample("causal", forward_kwargs=causal, description="causal synthesized attention"),
+        *(
+            Sample(f"synthesizer={kind}", {"synthesizer": kind})
+            for kind in ("random", "factorized_dense", "factorized_random", "dense+dot", "dense+random")
+        ),
+        Sample("mixture=sum", {"synthesizer": "dense+dot", "mixture": "sum"}),
+    ),
 )
 class Synthesizer(nn.Module):
     """Synthesized attention: the alignment is generated, not computed from query-key pairs.
@@ -148,14 +158,12 @@ class Synthesizer(nn.Module):
     ) -> None:
         super().__init__()
         check_heads(embed_dim, num_heads)
-        if max_len <= 0:
-            raise ValueError(f"max_len: expected a positive length, got {max_len}")
+        check_positive(max_len=max_len)
         if mixture not in _MIXTURES:
             raise ValueError(f"mixture: expected one of {_MIXTURES}, got {mixture!r}")
         if tiling not in _TILINGS:
             raise ValueError(f"tiling: expected one of {_TILINGS}, got {tiling!r}")
-        if factorized_k <= 0:
-            raise ValueError(f"factorized_k: expected a positive rank, got {factorized_k}")
+        check_positive(factorized_k=factorized_k)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         self.components = _parse(synthesizer)
@@ -278,7 +286,7 @@ class Synthesizer(nn.Module):
         return_attn: bool = False,
         average_heads: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B N D", D=self.embed_dim)
+        check_input(x, "x", "B N D", D=self.embed_dim, dtype=parameter_dtype(self))
         batch, n = x.shape[0], x.shape[1]
         if n > self.max_len:
             raise ValueError(
@@ -320,9 +328,11 @@ class Synthesizer(nn.Module):
             k = x.new_zeros(batch, self.num_heads, n, 1)
             scale = 1.0
 
-        padding = merge_masks_for_heads(None, key_mask, batch=batch, n_q=n, n_k=n, num_heads=self.num_heads)
+        padding = merge_masks_for_heads(
+            None, key_mask, batch=batch, n_q=n, n_k=n, num_heads=self.num_heads, device=x.device
+        )
         mask = and_masks(synthesized, padding) if padding is not None else synthesized
-        result = attend(
+        heads, maps = attend_with_weights(
             q,
             k,
             v,
@@ -332,8 +342,5 @@ class Synthesizer(nn.Module):
             scale=scale,
             return_weights=return_attn,
         )
-        heads, maps = result if isinstance(result, tuple) else (result, None)
-        out = self.out_proj(merge_heads(heads))  # (B, h, N, d) -> (B, N, E)
-        if maps is None:
-            return out
-        return out, (maps.mean(dim=1) if average_heads else maps)
+        # (B, h, N, d) -> (B, N, E), and the maps averaged over heads unless asked otherwise
+        return project_heads(heads, self.out_proj, maps, average_heads=average_heads)
