@@ -15,6 +15,19 @@ Usage::
     python benchmarks/bench_criss_cross.py --quick         # small sizes, a smoke run
     python benchmarks/bench_criss_cross.py --threads 8 --sides 64 128 --bank 8192
 
+``--peers`` compares criss_cross instead, in float32 and bfloat16, inference and training, time
+and peak memory, against the two pure-PyTorch peers (issue 13), reproduced here from their source
+because neither installs beside this project (mmcv needs its compiled ops):
+
+- mmcv's ``CrissCrossAttention`` (mmcv/ops/cc_attention.py, the einsum version),
+- fightingcv's ``CrissCrossAttention`` (External-Attention-pytorch, model/attention/
+  CrissCrossAttention.py: permute/contiguous/bmm, the official CCNet pure-PyTorch code),
+
+each a single pass applied R = 2 times with the same weights (RCCA), sharing attnzoo's weights::
+
+    python benchmarks/bench_criss_cross.py --peers            # C = 64, batch 1, 32, 64 and 128
+    python benchmarks/bench_criss_cross.py --peers --quick    # 32 and 64
+
 Peak memory on CPU is the resident-set high-water mark over one call
 (``attnzoo.bench.peak_memory``), each figure measured in a fresh process so that pages freed by an
 earlier call cannot hide an allocation; time is the median of several calls
@@ -26,13 +39,19 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnzoo
 from attnzoo.bench import peak_memory, time_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer import HEADER, format_row, inference, measure_pair, preamble, training
 
 MIB = 2**20
 
@@ -174,6 +193,93 @@ def markdown(rows: list[dict], threads: int) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# peers (issue 13), written from their source; q, k, v from attnzoo's own 1x1 convs
+
+
+def mmcv_criss_cross_step(module: nn.Module, x: Tensor) -> Tensor:
+    """mmcv.ops.CrissCrossAttention.forward (pure PyTorch since mmcv 1.x)."""
+    _, _, height, _ = x.size()
+    query, key, value = module.query_conv(x), module.key_conv(x), module.value_conv(x)
+    neg_inf_diag = torch.diag(torch.full((height,), float("-inf"), device=x.device, dtype=x.dtype))
+    energy_h = torch.einsum("bchw,bciw->bwhi", query, key) + neg_inf_diag
+    energy_h = energy_h.transpose(1, 2)
+    energy_w = torch.einsum("bchw,bchj->bhwj", query, key)
+    attn = F.softmax(torch.cat([energy_h, energy_w], dim=-1), dim=-1)  # [B, H, W, (H + W)]
+    out = torch.einsum("bciw,bhwi->bchw", value, attn[..., :height])
+    out += torch.einsum("bchj,bhwj->bchw", value, attn[..., height:])
+    out = module.gamma * out + x
+    return out.contiguous()
+
+
+def fightingcv_criss_cross_step(module: nn.Module, x: Tensor) -> Tensor:
+    """fightingcv (External-Attention-pytorch) CrissCrossAttention.forward, the CCNet original."""
+    b, _, h, w = x.size()
+    proj_query = module.query_conv(x)
+    proj_query_h = proj_query.permute(0, 3, 1, 2).contiguous().view(b * w, -1, h).permute(0, 2, 1)
+    proj_query_w = proj_query.permute(0, 2, 1, 3).contiguous().view(b * h, -1, w).permute(0, 2, 1)
+    proj_key = module.key_conv(x)
+    proj_key_h = proj_key.permute(0, 3, 1, 2).contiguous().view(b * w, -1, h)
+    proj_key_w = proj_key.permute(0, 2, 1, 3).contiguous().view(b * h, -1, w)
+    proj_value = module.value_conv(x)
+    proj_value_h = proj_value.permute(0, 3, 1, 2).contiguous().view(b * w, -1, h)
+    proj_value_w = proj_value.permute(0, 2, 1, 3).contiguous().view(b * h, -1, w)
+    inf = -torch.diag(torch.tensor(float("inf"), dtype=x.dtype).repeat(h), 0).unsqueeze(0).repeat(b * w, 1, 1)
+    energy_h = (torch.bmm(proj_query_h, proj_key_h) + inf).view(b, w, h, h).permute(0, 2, 1, 3)
+    energy_w = torch.bmm(proj_query_w, proj_key_w).view(b, h, w, w)
+    concate = F.softmax(torch.cat([energy_h, energy_w], 3), dim=3)
+    att_h = concate[:, :, :, 0:h].permute(0, 2, 1, 3).contiguous().view(b * w, h, h)
+    att_w = concate[:, :, :, h : h + w].contiguous().view(b * h, w, w)
+    out_h = torch.bmm(proj_value_h, att_h.permute(0, 2, 1)).view(b, w, -1, h).permute(0, 2, 3, 1)
+    out_w = torch.bmm(proj_value_w, att_w.permute(0, 2, 1)).view(b, h, -1, w).permute(0, 2, 1, 3)
+    return module.gamma * (out_h + out_w) + x
+
+
+def recurrent(step: Callable[[nn.Module, Tensor], Tensor]) -> Callable[[nn.Module, Tensor], Tensor]:
+    """RCCA: the single-pass peer module applied R times with the same weights."""
+
+    def run(module: nn.Module, x: Tensor) -> Tensor:
+        for _ in range(module.recurrence):
+            x = step(module, x)
+        return x
+
+    return run
+
+
+PEERS = {"mmcv": recurrent(mmcv_criss_cross_step), "fightingcv": recurrent(fightingcv_criss_cross_step)}
+
+
+def peers_table(sides: list[int], channels: int, repeats: int) -> list[str]:
+    rows = [preamble(repeats), "", HEADER]
+    print("\n".join(rows), flush=True)
+    for side in sides:
+        for dtype in (torch.float32, torch.bfloat16):
+            module, (x,) = criss_cross_case(channels, side)
+            module, x = module.to(dtype), x.to(dtype)
+            size = f"(1, {channels}, {side}, {side})"
+            for peer_name, peer in PEERS.items():
+                module.eval()
+                with torch.no_grad():
+                    tol = 1e-3 if dtype == torch.float32 else 1e-1
+                    torch.testing.assert_close(module(x), peer(module, x), rtol=tol, atol=tol)
+                r = measure_pair(
+                    inference(module, x), inference(lambda t: peer(module, t), x), warmup=1, repeats=repeats
+                )
+                rows.append(format_row("criss_cross", peer_name, size, dtype, "inference", r))
+                print(rows[-1], flush=True)
+                module.train()
+                params = list(module.parameters())
+                r = measure_pair(
+                    training(module, params, x),
+                    training(lambda t: peer(module, t), params, x),
+                    warmup=1,
+                    repeats=repeats,
+                )
+                rows.append(format_row("criss_cross", peer_name, size, dtype, "training", r))
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -187,8 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-dense-gib", type=float, default=6.0, help="skip a dense baseline whose matrices exceed this"
     )
+    parser.add_argument("--peers", action="store_true", help="criss_cross against mmcv and fightingcv")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.peers:
+        sides = args.sides or ([32, 64] if args.quick else [32, 64, 128])
+        rows = peers_table(sides, args.channels, args.repeats or (3 if args.quick else 7))
+        print("\n" + "\n".join(rows))
+        return
     sides = args.sides or ([16, 32] if args.quick else [32, 64, 128])
     window = args.window or (16 if args.quick else 64)
     bank = args.bank or (512 if args.quick else 4096)

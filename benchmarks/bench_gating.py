@@ -9,6 +9,16 @@ the same output before timing them.
     python benchmarks/bench_gating.py                # (B=32, C=256, 56x56), (B=32, C=1024, 14x14)
     python benchmarks/bench_gating.py --quick        # batch 2, small sizes: a smoke run
     python benchmarks/bench_gating.py --skip-resnet  # the modules only
+    python benchmarks/bench_gating.py --peers        # cbam and gc against timm and mmcv (issue 13)
+    python benchmarks/bench_gating.py --peers --quick
+
+``--peers`` compares, in float32 and bfloat16, inference (eval, no_grad) and training
+(forward + backward) time and peak memory against the peers' computations, reproduced here
+because the packages cannot be installed beside this project's pinned torch (timm imports
+torchvision at import time; mmcv needs its compiled ops): ``cbam`` against timm's
+``CbamModule`` (timm/layers/cbam.py: 1x1-conv MLP without bias, ``amax`` pooling, 7x7 conv +
+BatchNorm) and ``gc`` against mmcv's ``ContextBlock`` (mmcv/cnn/bricks/context_block.py:
+``channel_add`` fusion), each loading the attnzoo module's weights and checked equal first.
 
 Ratios below 1 mean attnzoo is faster; ResNet overheads are relative to the plain ResNet-50 timed in
 the same run. Compare ratios, not absolute times, on a shared machine.
@@ -17,7 +27,9 @@ the same run. Compare ratios, not absolute times, on a shared machine.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +38,9 @@ from torch import Tensor, nn
 import attnzoo
 from attnzoo.bench import time_call
 from attnzoo.models.resnet import resnet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer import HEADER, format_row, inference, measure_pair, preamble, training
 
 Baseline = Callable[[nn.Module, Tensor], Tensor]
 
@@ -197,6 +212,136 @@ def bench_resnet(batch: int, side: int, depth: int, args) -> list[str]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# peers (issue 13): the peer libraries' computations, written from their source
+
+
+class TimmCbam(nn.Module):
+    """timm's ``CbamModule`` (timm/layers/cbam.py) at its defaults: ``mlp_bias=False``, 7x7."""
+
+    def __init__(self, channels: int, rd_channels: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=False)
+        self.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)  # ConvNormAct(apply_act=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # ChannelAttn
+        x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        x = x * torch.sigmoid(x_avg + x_max)
+        # SpatialAttn
+        x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        x_attn = self.bn(self.conv(x_attn))
+        return x * torch.sigmoid(x_attn)
+
+
+def timm_cbam_pair(channels: int) -> tuple[nn.Module, nn.Module]:
+    """attnzoo's cbam configured as timm's (no MLP bias, conv + BN) and timm's, same weights."""
+    ours = attnzoo.create("cbam", channels, variant="official", mlp_bias=False)
+    randomise(ours)
+    peer = TimmCbam(channels, ours.channel.fc1.out_features)
+    with torch.no_grad():
+        peer.fc1.weight.copy_(ours.channel.fc1.weight[:, :, None, None])
+        peer.fc2.weight.copy_(ours.channel.fc2.weight[:, :, None, None])
+        # attnzoo's official order is [max; mean], timm's [mean; max]
+        peer.conv.weight.copy_(ours.spatial.conv.weight.flip(1))
+    peer.bn.load_state_dict(ours.spatial.norm.state_dict())
+    return ours, peer
+
+
+class MmcvContextBlock(nn.Module):
+    """mmcv's ``ContextBlock`` (mmcv/cnn/bricks/context_block.py): ``pooling_type='att'``,
+    ``fusion_types=('channel_add',)``."""
+
+    def __init__(self, channels: int, planes: int) -> None:
+        super().__init__()
+        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
+        self.softmax = nn.Softmax(dim=2)
+        self.channel_add_conv = nn.Sequential(
+            nn.Conv2d(channels, planes, kernel_size=1),
+            nn.LayerNorm([planes, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, channels, kernel_size=1),
+        )
+
+    def spatial_pool(self, x: Tensor) -> Tensor:
+        batch, channel, height, width = x.size()
+        input_x = x.view(batch, channel, height * width).unsqueeze(1)  # (B, 1, C, HW)
+        context_mask = self.conv_mask(x).view(batch, 1, height * width)
+        context_mask = self.softmax(context_mask).unsqueeze(-1)  # (B, 1, HW, 1)
+        return torch.matmul(input_x, context_mask).view(batch, channel, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        context = self.spatial_pool(x)
+        return x + self.channel_add_conv(context)
+
+
+def mmcv_gc_pair(channels: int) -> tuple[nn.Module, nn.Module]:
+    ours = attnzoo.create("gc", channels)
+    randomise(ours)  # off the zero init of W_v2
+    peer = MmcvContextBlock(channels, ours.rd_channels)
+    with torch.no_grad():
+        peer.conv_mask.weight.copy_(ours.key.weight[:, :, None, None])
+        peer.conv_mask.bias.zero_()  # a constant on every logit: no effect on the softmax
+        fc1, norm, fc2 = peer.channel_add_conv[0], peer.channel_add_conv[1], peer.channel_add_conv[3]
+        fc1.weight.copy_(ours.fc1.weight[:, :, None, None])
+        fc1.bias.copy_(ours.fc1.bias)
+        norm.weight.copy_(ours.norm.weight[:, None, None])
+        norm.bias.copy_(ours.norm.bias[:, None, None])
+        fc2.weight.copy_(ours.fc2.weight[:, :, None, None])
+        fc2.bias.copy_(ours.fc2.bias)
+    return ours, peer
+
+
+PEERS: dict[str, tuple[str, Callable[[int], tuple[nn.Module, nn.Module]]]] = {
+    "cbam": ("timm CbamModule", timm_cbam_pair),
+    "gc": ("mmcv ContextBlock", mmcv_gc_pair),
+}
+
+
+def bench_peers(args) -> list[str]:
+    """cbam at C 64-256, 32x32 and 64x64; gc at C 64 and 256, 32x32 and 64x64; batch 8."""
+    batch = 2 if args.quick else 8
+    cases = {
+        "cbam": [(64, 32), (128, 32), (256, 32), (64, 64), (256, 64)],
+        "gc": [(64, 32), (256, 32), (256, 64)],
+    }
+    if args.quick:
+        cases = {"cbam": [(64, 32), (256, 32)], "gc": [(256, 32)]}
+    rows = [preamble(args.repeats), "", HEADER]
+    print("\n".join(rows), flush=True)
+    for name, sizes in cases.items():
+        peer_name, make = PEERS[name]
+        for channels, side in sizes:
+            for dtype in (torch.float32, torch.bfloat16):
+                torch.manual_seed(0)
+                ours, peer = (m.to(dtype) for m in make(channels))
+                x = torch.randn(batch, channels, side, side).to(dtype)
+                ours.eval(), peer.eval()
+                with torch.no_grad():
+                    tol = 1e-4 if dtype == torch.float32 else 5e-2
+                    torch.testing.assert_close(ours(x), peer(x), rtol=tol, atol=tol)
+                size = f"({batch}, {channels}, {side}, {side})"
+                r = measure_pair(
+                    inference(ours, x), inference(peer, x), warmup=args.warmup, repeats=args.repeats
+                )
+                rows.append(format_row(name, peer_name, size, dtype, "inference", r))
+                print(rows[-1], flush=True)
+                ours.train(), peer.train()
+                r = measure_pair(
+                    training(ours, list(ours.parameters()), x),
+                    training(peer, list(peer.parameters()), x),
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                )
+                rows.append(format_row(name, peer_name, size, dtype, "training", r))
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (batch 2): a smoke run")
@@ -204,8 +349,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first")
     parser.add_argument("--skip-resnet", action="store_true", help="only the modules")
+    parser.add_argument("--peers", action="store_true", help="only cbam and gc against timm and mmcv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peers:
+        args.repeats = args.repeats or (3 if args.quick else 7)
+        args.warmup = 1 if args.warmup is None else args.warmup
+        rows = bench_peers(args)
+        print("\n" + "\n".join(rows))
+        return
     if args.quick:
         sizes, roi = [(2, 64, 28), (2, 256, 7)], (2, 64, 14)
         resnet_batch, resnet_side = 2, 64

@@ -9,19 +9,37 @@ O(k N log(N / k)) edges), with and without edge-type (relative-position) embeddi
 inference forward (eval, no_grad) and training forward+backward times, and the peak memory of
 each, with ratios against `mha` measured in the same run (repeats interleaved). ``--quick`` runs
 N = 512 as a smoke test.
+
+``--peers`` compares graph_self_attention instead with PyG's ``TransformerConv`` (issue 13):
+8 graphs of 1024 tokens batched as one disjoint BP graph, d = 256, h = 4, in float32 and
+bfloat16, inference and training, time and peak memory. PyG cannot be installed beside this
+project's pinned torch (torch_geometric's wheels track torch releases), so its computation is
+reproduced from its source (torch_geometric/nn/conv/transformer_conv.py with
+``root_weight=False``, the ``softmax`` of torch_geometric/utils/_softmax.py and the ``add``
+aggregation, all in the input's dtype), followed by the same output projection as ours
+(TransformerConv has none; ``root_weight``'s ``lin_skip`` would cost the same)::
+
+    python benchmarks/bench_graph_attention.py --peers            # 8 x 1024 tokens
+    python benchmarks/bench_graph_attention.py --peers --quick    # 2 x 512 tokens
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from attnzoo.bench import compare_calls, peak_memory
 from attnzoo.graph.graph_self_attention import GraphSelfAttention, binary_partition_graph
 from attnzoo.sequence.mha import MultiheadAttention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer import HEADER, format_row, inference, measure_pair, preamble, training
 
 
 def contenders(n: int, d: int, h: int, k: int) -> dict[str, tuple[torch.nn.Module, tuple, str]]:
@@ -101,6 +119,85 @@ def table(n: int, d: int, h: int, k: int, repeats: int) -> list[str]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# peer (issue 13): PyG TransformerConv, written from its source
+
+
+def pyg_softmax(src: torch.Tensor, index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """torch_geometric.utils.softmax (the scatter path): max, exp, sum, divide, in src's dtype."""
+    size = (num_nodes, *src.shape[1:])
+    expanded = index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
+    src_max = src.new_zeros(size).scatter_reduce_(
+        0, expanded, src.detach(), reduce="amax", include_self=False
+    )
+    out = (src - src_max.index_select(0, index)).exp()
+    out_sum = out.new_zeros(size).scatter_add_(0, expanded, out) + 1e-16
+    return out / out_sum.index_select(0, index)
+
+
+def pyg_transformer_conv(
+    module: GraphSelfAttention, x: torch.Tensor, edge_index: torch.Tensor
+) -> torch.Tensor:
+    """TransformerConv(d, d / h, heads=h, root_weight=False, bias=False) then ours W^O."""
+    heads, channels, num_nodes = module.num_heads, module.head_dim, x.shape[0]
+    query = module.q_proj(x).view(-1, heads, channels)
+    key = module.k_proj(x).view(-1, heads, channels)
+    value = module.v_proj(x).view(-1, heads, channels)
+    source, target = edge_index[0], edge_index[1]
+    # propagate: lift (index_select) to the edges, message, aggregate
+    query_i, key_j, value_j = (
+        query.index_select(0, target),
+        key.index_select(0, source),
+        value.index_select(0, source),
+    )
+    alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(channels)
+    alpha = pyg_softmax(alpha, target, num_nodes)
+    out = value_j * alpha.view(-1, heads, 1)
+    expanded = target.view(-1, 1, 1).expand_as(out)
+    out = out.new_zeros(num_nodes, heads, channels).scatter_add_(0, expanded, out)  # aggr="add"
+    return module.out_proj(out.view(-1, heads * channels))
+
+
+def batched_bp_graph(graphs: int, tokens: int, k: int) -> tuple[torch.Tensor, int]:
+    """``graphs`` BP graphs of ``tokens`` tokens as one disjoint graph (PyG's Batch)."""
+    graph = binary_partition_graph(tokens, k)
+    offsets = torch.arange(graphs).repeat_interleave(graph.edge_index.shape[1]) * graph.num_nodes
+    edge_index = graph.edge_index.repeat(1, graphs) + offsets
+    return edge_index, graph.num_nodes * graphs
+
+
+def peers_table(graphs: int, tokens: int, d: int, h: int, k: int, repeats: int) -> list[str]:
+    edge_index, num_nodes = batched_bp_graph(graphs, tokens, k)
+    rows = [preamble(repeats), "", HEADER]
+    print("\n".join(rows), flush=True)
+    size = f"{graphs} x {tokens} tokens, {num_nodes} nodes, {edge_index.shape[1]} edges, d {d}, h {h}"
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        module = GraphSelfAttention(d, h).to(dtype)
+        x = torch.randn(num_nodes, d).to(dtype)
+        peer = lambda t, e: pyg_transformer_conv(module, t, e)  # noqa: E731
+        module.eval()
+        with torch.no_grad():
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(module(x, edge_index), peer(x, edge_index), rtol=tol, atol=tol)
+        r = measure_pair(
+            inference(module, x, edge_index), inference(peer, x, edge_index), warmup=1, repeats=repeats
+        )
+        rows.append(format_row("graph_self_attention", "PyG TransformerConv", size, dtype, "inference", r))
+        print(rows[-1], flush=True)
+        module.train()
+        params = list(module.parameters())
+        r = measure_pair(
+            training(module, params, x, edge_index),
+            training(peer, params, x, edge_index),
+            warmup=1,
+            repeats=repeats,
+        )
+        rows.append(format_row("graph_self_attention", "PyG TransformerConv", size, dtype, "training", r))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,8 +209,15 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--k", type=int, default=4, help="BP contexts per level and side")
     parser.add_argument("--quick", action="store_true", help="N = 512, 2 repeats: a smoke run")
+    parser.add_argument("--peers", action="store_true", help="against PyG TransformerConv (8 x 1024 tokens)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peers:
+        graphs, tokens = (2, 512) if args.quick else (8, 1024)
+        repeats = 3 if args.quick else args.repeats
+        rows = peers_table(graphs, tokens, args.d, args.heads, args.k, repeats)
+        print("\n" + "\n".join(rows))
+        return
     n, repeats = (512, 2) if args.quick else (args.n, args.repeats)
     print("\n".join(table(n, args.d, args.heads, args.k, repeats)))
 

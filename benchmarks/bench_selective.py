@@ -10,13 +10,23 @@ checks that both give the same output before timing them.
 Inference: eval mode, no_grad; training: train mode (batch statistics), forward + backward of the sum.
 Ratios below 1 mean attnzoo is faster; the repeats of the two are interleaved, so compare ratios,
 not absolute times, on a shared machine.
+
+``--peers`` compares split_attention instead with timm's ``SplitAttn`` (issue 13; timm/layers/
+split_attn.py with its ``RadixSoftmax``, in-place ReLUs, reproduced here because timm imports
+torchvision at import time, which this project does not install), at C = 256, 64x64 and C = 64,
+32x32, batch 8, in float32 and bfloat16, inference and training, time and peak memory::
+
+    python benchmarks/bench_selective.py --peers            # batch 8
+    python benchmarks/bench_selective.py --peers --quick    # batch 2
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +34,9 @@ from torch import Tensor, nn
 
 import attnzoo
 from attnzoo.bench import compare_calls
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer import HEADER, format_row, inference, measure_pair, preamble, training
 
 NAMES = ["sk", "split_attention", "scconv"]
 
@@ -102,6 +115,64 @@ class PlainSCConv(nn.Module):
         return F.relu(torch.cat([y1, y2], dim=1))
 
 
+class TimmSplitAttn(PlainSplitAttention):
+    """timm's ``SplitAttn`` forward (timm/layers/split_attn.py), ``RadixSoftmax`` inlined."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn0(self.conv(x)), inplace=True)  # act0 = act_layer(inplace=True)
+        batch, rchannels, height, width = x.shape
+        if self.radix > 1:
+            x = x.reshape((batch, self.radix, rchannels // self.radix, height, width))
+            x_gap = x.sum(dim=1)
+        else:
+            x_gap = x
+        x_gap = x_gap.mean((2, 3), keepdim=True)
+        x_gap = F.relu(self.bn1(self.fc1(x_gap)), inplace=True)
+        x_attn = self.fc2(x_gap)
+        if self.radix > 1:  # RadixSoftmax
+            x_attn = x_attn.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
+            x_attn = F.softmax(x_attn, dim=1).reshape(batch, -1)
+        else:
+            x_attn = torch.sigmoid(x_attn)
+        x_attn = x_attn.view(batch, -1, 1, 1)
+        if self.radix > 1:
+            out = (x * x_attn.reshape((batch, self.radix, rchannels // self.radix, 1, 1))).sum(dim=1)
+        else:
+            out = x * x_attn
+        return out.contiguous()
+
+
+def peers_table(batch: int, repeats: int) -> list[str]:
+    rows = [preamble(repeats), "", HEADER]
+    print("\n".join(rows), flush=True)
+    for channels, side in [(64, 32), (256, 32), (256, 64)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            ours = attnzoo.create("split_attention", channels)
+            peer = TimmSplitAttn(channels, ours.radix, ours.cardinality, ours.rd_channels)
+            peer.load_state_dict(ours.state_dict())
+            ours, peer = ours.to(dtype), peer.to(dtype)
+            x = torch.randn(batch, channels, side, side).to(dtype)
+            ours.eval(), peer.eval()
+            with torch.no_grad():
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                torch.testing.assert_close(ours(x), peer(x), rtol=tol, atol=tol)
+            size = f"({batch}, {channels}, {side}, {side})"
+            r = measure_pair(inference(ours, x), inference(peer, x), warmup=1, repeats=repeats)
+            rows.append(format_row("split_attention", "timm SplitAttn", size, dtype, "inference", r))
+            print(rows[-1], flush=True)
+            ours.train(), peer.train()
+            r = measure_pair(
+                training(ours, list(ours.parameters()), x),
+                training(peer, list(peer.parameters()), x),
+                warmup=1,
+                repeats=repeats,
+            )
+            rows.append(format_row("split_attention", "timm SplitAttn", size, dtype, "training", r))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def build(name: str, channels: int) -> tuple[nn.Module, nn.Module]:
     if name == "sk":
         ours = attnzoo.create("sk", channels, groups=math.gcd(32, channels))
@@ -158,9 +229,14 @@ def main() -> None:
     parser.add_argument(
         "--names", nargs="+", default=NAMES, choices=NAMES, help="which mechanisms (default: all three)"
     )
+    parser.add_argument("--peers", action="store_true", help="split_attention against timm's SplitAttn")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.peers:
+        rows = peers_table(2 if args.quick else 8, args.repeats or (3 if args.quick else 7))
+        print("\n" + "\n".join(rows))
+        return
     batch = 2 if args.quick else 32
     repeats = args.repeats or (3 if args.quick else 5)
     warmup = 1 if args.quick else 2

@@ -94,3 +94,42 @@ def test_errors():
         CBAM(16, variant="mine")
     with pytest.raises(ValueError, match="4-D tensor"):
         CBAM(16)(torch.randn(2, 16, 5))
+
+
+def test_channel_branch_is_se_with_avg_and_max_pooling():
+    """One implementation: cbam_channel is SqueezeExcite(pool="avg_and_max"), weights interchangeable."""
+    from attnzoo.vision.squeeze_excite import SqueezeExcite
+
+    channel = ChannelAttention(32)
+    assert isinstance(channel, SqueezeExcite) and channel.pool == "avg_and_max"
+    se = SqueezeExcite(32, pool="avg_and_max")
+    se.load_state_dict(channel.state_dict())
+    x = torch.randn(2, 32, 5, 6)
+    torch.testing.assert_close(se(x), channel(x), rtol=0, atol=0)
+
+
+def test_mlp_bias_switch():
+    """mlp_bias=False (timm's CbamModule default): M_c = sigma(W1 relu(W0 avg) + W1 relu(W0 max))."""
+    torch.manual_seed(3)
+    module = CBAM(32, mlp_bias=False)
+    assert module.channel.fc1.bias is None and module.channel.fc2.bias is None
+    assert CBAM(32).channel.fc1.bias is not None  # the paper's official nn.Linear has biases
+    x = torch.randn(2, 32, 6, 5)
+    w0, w1 = module.channel.fc1.weight, module.channel.fc2.weight
+    gate_c = torch.sigmoid(
+        torch.relu(x.mean(dim=(2, 3)) @ w0.T) @ w1.T + torch.relu(x.amax(dim=(2, 3)) @ w0.T) @ w1.T
+    )[:, :, None, None]
+    refined = x * gate_c
+    expected = refined * spatial_reference(module.spatial, refined)
+    out, maps = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(maps["channel"], gate_c)
+
+
+def test_inference_fast_path_equals_training_path():
+    """amax where no gradient is needed, max(dim) where one is: the same outputs."""
+    module = CBAM(32, variant="official").eval()
+    x = torch.randn(2, 32, 7, 7)
+    with torch.no_grad():
+        fast = module(x)
+    torch.testing.assert_close(module(x.requires_grad_()), fast, rtol=0, atol=0)

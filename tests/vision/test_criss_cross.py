@@ -132,6 +132,20 @@ def test_large_logits_and_half_precision_stay_finite():
         assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
 
 
+def test_bfloat16_energies_in_float32_values_in_bfloat16():
+    """Unscaled logits of ~50 here: bfloat16 energies would move weights by ~0.2; float32 ones
+    keep the maps within bfloat16's rounding of the inputs and weights."""
+    module = randomised(CrissCrossAttention(16, dtype=F64)).eval()
+    x = torch.randn(2, 16, 7, 6, dtype=F64)
+    expected, expected_maps = module(x, return_attn=True)
+    half = CrissCrossAttention(16, dtype=torch.bfloat16).eval()
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in module.state_dict().items()})
+    out, maps = half(x.to(torch.bfloat16), return_attn=True)
+    assert maps.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert (maps.double() - expected_maps).abs().max() < 0.1  # bfloat16 energies: 0.21
+    assert (out.double() - expected).abs().max() < 0.6  # bfloat16 energies: 1.34 (|out| ~ 11)
+
+
 def test_no_hw_by_hw_matrix():
     module = CrissCrossAttention(16, recurrence=1).eval()
     side = 16

@@ -13,8 +13,11 @@ from attnzoo.vision.eca import ECA, OFFICIAL_RESNET_KERNEL_SIZES, adaptive_kerne
 F64 = torch.float64
 
 
-def eca_reference(x: torch.Tensor, kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """omega_c = sigmoid(sum_j w_j y_{c + j - k//2}) with y = GAP(x), zero outside [0, C)."""
+def eca_reference(
+    x: torch.Tensor, kernel: torch.Tensor, circular: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """omega_c = sigmoid(sum_j w_j y_{c + j - k//2}) with y = GAP(x), zero outside [0, C)
+    (``circular``: the index wraps modulo C instead)."""
     batch, channels = x.shape[:2]
     k = kernel.numel()
     y = x.reshape(batch, channels, -1).mean(-1)
@@ -22,6 +25,8 @@ def eca_reference(x: torch.Tensor, kernel: torch.Tensor) -> tuple[torch.Tensor, 
     for c in range(channels):
         for j in range(k):
             neighbour = c + j - k // 2
+            if circular:
+                neighbour %= channels
             if 0 <= neighbour < channels:
                 logits[:, c] += kernel[j] * y[:, neighbour]
     omega = torch.sigmoid(logits).reshape(batch, channels, *([1] * (x.dim() - 2)))
@@ -112,3 +117,25 @@ def test_registered_and_errors():
     with pytest.raises(ValueError, match="17"):
         module(torch.randn(1, 17, 2, 2))
     assert module(torch.randn(0, 16, 3, 3)).shape == (0, 16, 3, 3)
+
+
+def test_circular_padding_wraps_the_channel_axis():
+    torch.manual_seed(1)
+    module = ECA(12, kernel_size=5, padding="circular", dtype=F64)
+    x = torch.randn(2, 12, 4, 3, dtype=F64)
+    expected, omega = eca_reference(x, module.conv.weight.flatten(), circular=True)
+    out, attn = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn, omega, rtol=1e-10, atol=1e-10)
+    # the first channel's gate depends on the last channel (its left neighbour across the wrap)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    _, attn2 = module(x2, return_attn=True)
+    assert (attn2[:, 0] - attn[:, 0]).abs().min() > 0
+    zero_padded = ECA(12, kernel_size=5, dtype=F64)
+    zero_padded.load_state_dict(module.state_dict())
+    _, attn_zero = zero_padded(x, return_attn=True)
+    _, attn_zero2 = zero_padded(x2, return_attn=True)
+    torch.testing.assert_close(attn_zero2[:, 0], attn_zero[:, 0], rtol=0, atol=0)  # no wrap: untouched
+    with pytest.raises(ValueError, match="padding"):
+        ECA(12, padding="reflect")

@@ -138,3 +138,40 @@ def test_registered_and_errors():
     with pytest.raises(ValueError, match="4-D tensor"):
         GlobalContext(16)(torch.randn(2, 16, 5))
     assert GlobalContext(16)(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)
+
+
+def test_scale_add_fusion_has_two_transforms_and_matches_equation():
+    """Official fusion_types=('channel_mul', 'channel_add'): z = x * sigmoid(T_mul(c)) + T_add(c)."""
+    torch.manual_seed(4)
+    module = GlobalContext(32, fusion="scale_add", dtype=F64)
+    x = torch.randn(2, 32, 4, 5, dtype=F64)
+    torch.testing.assert_close(module(x), 0.5 * x)  # both last layers zero: sigmoid(0) x + 0
+    randomise(module, seed=5)
+    _, alpha, add_term = gc_reference(module, x)  # fc1 / norm / fc2: the added transform
+    # the scale's own transform, by hand from the reference context
+    context = torch.einsum("bchw,bhw->bc", x, alpha[:, 0])
+    hidden = context @ module.scale_fc1.weight.T + module.scale_fc1.bias
+    hidden = torch.relu(layer_norm(hidden, module.scale_norm.weight, module.scale_norm.bias, 1e-5))
+    gate = torch.sigmoid(hidden @ module.scale_fc2.weight.T + module.scale_fc2.bias)
+    out, maps = module(x, return_attn=True)
+    expected = x * gate[:, :, None, None] + add_term[:, :, None, None]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps["gate"], gate[:, :, None, None], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps["channel"], add_term[:, :, None, None], rtol=1e-10, atol=1e-10)
+    assert module.scale_fc1.weight.data_ptr() != module.fc1.weight.data_ptr()
+    with pytest.raises(ValueError, match="fusion"):
+        GlobalContext(32, fusion="mul")
+
+
+def test_layer_norm_eps_reaches_the_normalisation():
+    module = GlobalContext(32, layer_norm_eps=1e-6, dtype=F64)
+    assert module.norm.eps == 1e-6
+    randomise(module, seed=6)
+    x = torch.randn(2, 32, 3, 3, dtype=F64) * 1e-3  # tiny context: the epsilon dominates the variance
+    expected, _, _ = gc_reference(module, x)  # the reference reads eps from the module's LayerNorm
+    torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10)
+    other = GlobalContext(32, dtype=F64)
+    other.load_state_dict(module.state_dict())
+    assert not torch.allclose(other(x), module(x), rtol=0, atol=1e-12)  # 1e-5 gives another output
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        GlobalContext(32, layer_norm_eps=0.0)

@@ -58,16 +58,32 @@ def ref_bn(x: Tensor, bn: nn.BatchNorm1d | nn.BatchNorm2d, train: bool) -> Tenso
 randomize = partial(randomize_, scale=0.3, norm_statistics=True)
 
 
-def reference(module: SelectiveKernel, x: Tensor, train: bool = False) -> tuple[Tensor, Tensor]:
+def ref_group_norm(x: Tensor, norm: nn.GroupNorm, train: bool) -> Tensor:
+    """GroupNorm: each sample's group of channels normalised over its channels and positions."""
+    batch = x.shape[0]
+    grouped = x.reshape(batch, norm.num_groups, -1)
+    mean, var = grouped.mean(dim=-1, keepdim=True), grouped.var(dim=-1, unbiased=False, keepdim=True)
+    normed = ((grouped - mean) / torch.sqrt(var + norm.eps)).view(x.shape)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return normed * norm.weight.view(shape) + norm.bias.view(shape)
+
+
+def no_norm(x: Tensor, norm: nn.Module, train: bool) -> Tensor:
+    return x
+
+
+def reference(
+    module: SelectiveKernel, x: Tensor, train: bool = False, norm=ref_bn
+) -> tuple[Tensor, Tensor]:
     """SKNet eqs. 1-6 with the module's weights; returns (V, a) with a: (B, M, C)."""
     branches = []
     for branch in module.branches:
         conv, bn = branch[0], branch[1]
         u = ref_conv(x, conv.weight, conv.stride[0], conv.dilation[0], conv.groups)
-        branches.append(torch.clamp(ref_bn(u, bn, train), min=0))  # U_m = ReLU(BN(F_m(X)))
+        branches.append(torch.clamp(norm(u, bn, train), min=0))  # U_m = ReLU(BN(F_m(X)))
     fused = sum(branches)  # U = sum_m U_m (eq. 1)
     s = fused.mean(dim=(2, 3))  # s_c = (1/HW) sum_ij U_c(i, j) (eq. 2)
-    z = torch.clamp(ref_bn(torch.einsum("dc,bc->bd", module.fc.weight, s), module.norm, train), min=0)
+    z = torch.clamp(norm(torch.einsum("dc,bc->bd", module.fc.weight, s), module.norm, train), min=0)
     num_branches = len(branches)
     a_mats = module.select.weight.view(num_branches, -1, z.shape[1])  # A_m: (C, d)
     exps = torch.stack([torch.exp(torch.einsum("cd,bd->bc", a_mats[m], z)) for m in range(num_branches)], 1)
@@ -140,7 +156,7 @@ def test_paper_defaults() -> None:
     assert all(c.groups == 32 and c.bias is None for c in convs)
     assert all(isinstance(b[1], nn.BatchNorm2d) and isinstance(b[2], nn.ReLU) for b in module.branches)
     assert module.fc.bias is None and module.select.bias is None
-    assert isinstance(module.norm, nn.BatchNorm1d) and isinstance(module.act, nn.ReLU)
+    assert isinstance(module.norm, nn.BatchNorm2d) and isinstance(module.act, nn.ReLU)  # on z as (B, d, 1, 1)
 
 
 def test_registered_kwargs_adapt_groups_but_class_keeps_32() -> None:
@@ -235,3 +251,35 @@ def test_input_errors_name_the_argument() -> None:
         module(torch.randn(1, 32, 8, 8))
     with pytest.raises(TypeError, match="float"):
         module(torch.ones(1, 64, 8, 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("norm_layer", "ref_norm"),
+    [(None, no_norm), (partial(nn.GroupNorm, 4), ref_group_norm)],
+    ids=["none", "group_norm"],
+)
+@pytest.mark.parametrize("train", [False, True])
+def test_norm_layer_matches_reference_float64(norm_layer, ref_norm, train) -> None:
+    module = SelectiveKernel(32, groups=8, norm_layer=norm_layer, dtype=torch.float64)
+    module = randomize(module).train(train)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    expected, expected_weights = reference(module, x, train=train, norm=ref_norm)
+    out, weights = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(weights[..., 0, 0], expected_weights, rtol=1e-10, atol=1e-10)
+
+
+def test_batchnorm_of_z_loads_the_official_batchnorm1d_weights() -> None:
+    module = SelectiveKernel(32, groups=8)
+    bn1d = nn.BatchNorm1d(module.rd_channels)
+    module.norm.load_state_dict(bn1d.state_dict())  # same keys: weight, bias, running stats
+
+
+def test_batch_of_one_in_training_is_a_clear_error() -> None:
+    module = SelectiveKernel(32, groups=8).train()
+    with pytest.raises(ValueError, match=r"x: .*z.*batch of more than 1 in training mode.*\(1, 32, 8, 8\)"):
+        module(torch.randn(1, 32, 8, 8))
+    module.eval()(torch.randn(1, 32, 8, 8))  # eval uses the running statistics
+    grouped = SelectiveKernel(32, groups=8, norm_layer=partial(nn.GroupNorm, 4)).train()
+    assert grouped(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)

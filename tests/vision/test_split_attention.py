@@ -54,8 +54,25 @@ def ref_bn(x: Tensor, bn: nn.BatchNorm2d, channels: slice, train: bool) -> Tenso
 randomize = partial(randomize_, scale=0.3, norm_statistics=True)
 
 
+def ref_instance_norm(x: Tensor, norm: nn.Module, channels: slice, train: bool) -> Tensor:
+    """GroupNorm with one group per channel: each sample's channel over its spatial positions."""
+    dims = tuple(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dim=dims, keepdim=True), x.var(dim=dims, unbiased=False, keepdim=True)
+    normed = (x - mean) / torch.sqrt(var + norm.eps)
+    return normed * norm.weight[channels].view(shape) + norm.bias[channels].view(shape)
+
+
+def no_norm(x: Tensor, norm: nn.Module, channels: slice, train: bool) -> Tensor:
+    return x
+
+
 def reference(
-    module: SplitAttention, x: Tensor, train: bool = False, logit_layout: str = "cardinality-major"
+    module: SplitAttention,
+    x: Tensor,
+    train: bool = False,
+    logit_layout: str = "cardinality-major",
+    norm=ref_bn,
 ) -> tuple[Tensor, Tensor]:
     """Paper eqs. 1-3 per cardinal group k and radix split r; returns (V, a) with a: (B, R, C).
 
@@ -73,7 +90,7 @@ def reference(
             g = r * card + k
             rows = slice(g * ck, (g + 1) * ck)
             u = ref_conv(x[:, g * cin_g : (g + 1) * cin_g], module.conv.weight[rows], stride)
-            splits[r, k] = torch.clamp(ref_bn(u, module.bn0, rows, train), min=0)
+            splits[r, k] = torch.clamp(norm(u, module.bn0, rows, train), min=0)
     # G: two FC layers per cardinal group (fc1 and fc2 grouped by cardinality), BN + ReLU between
     logits = []
     for k in range(card):
@@ -81,7 +98,7 @@ def reference(
         hidden_rows = slice(k * dk, (k + 1) * dk)
         w1 = module.fc1.weight[hidden_rows, :, 0, 0]  # (d/K, C/K)
         h = torch.einsum("oi,bi->bo", w1, s_k) + module.fc1.bias[hidden_rows]
-        h = torch.clamp(ref_bn(h, module.bn1, hidden_rows, train), min=0)
+        h = torch.clamp(norm(h[:, :, None, None], module.bn1, hidden_rows, train)[:, :, 0, 0], min=0)
         out_rows = slice(k * radix * ck, (k + 1) * radix * ck)
         w2 = module.fc2.weight[out_rows, :, 0, 0]  # (R*C/K, d/K)
         logits.append(torch.einsum("oi,bi->bo", w2, h) + module.fc2.bias[out_rows])
@@ -277,3 +294,55 @@ def test_input_errors_name_the_argument() -> None:
     module = SplitAttention(64).eval()
     with pytest.raises(ValueError, match="expected C=64.*got 32"):
         module(torch.randn(1, 32, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("norm_layer", "ref_norm"),
+    [
+        (None, no_norm),
+        (lambda c, **factory: nn.GroupNorm(c, c, **factory), ref_instance_norm),
+    ],
+    ids=["none", "group_norm_per_channel"],
+)
+@pytest.mark.parametrize("train", [False, True])
+def test_norm_layer_matches_reference_float64(norm_layer, ref_norm, train) -> None:
+    module = SplitAttention(32, radix=2, cardinality=2, norm_layer=norm_layer, dtype=torch.float64)
+    module = randomize(module).train(train)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    expected, expected_weights = reference(module, x, train=train, norm=ref_norm)
+    out, weights = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(weights[..., 0, 0], expected_weights, rtol=1e-10, atol=1e-10)
+
+
+def test_norm_layer_default_is_batchnorm_and_factory_gets_device_and_dtype() -> None:
+    module = SplitAttention(32, dtype=torch.float64)
+    assert isinstance(module.bn0, nn.BatchNorm2d) and isinstance(module.bn1, nn.BatchNorm2d)
+    grouped = SplitAttention(32, norm_layer=partial(nn.GroupNorm, 4), dtype=torch.float64)
+    assert isinstance(grouped.bn0, nn.GroupNorm) and grouped.bn0.num_groups == 4
+    assert grouped.bn0.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match="norm_layer"):
+        SplitAttention(32, norm_layer="batchnorm")
+
+
+def test_batch_of_one_in_training_is_a_clear_error() -> None:
+    module = SplitAttention(32).train()
+    with pytest.raises(ValueError, match=r"x: .*bn1.*batch of more than 1 in training mode.*\(1, 32, 8, 8\)"):
+        module(torch.randn(1, 32, 8, 8))
+    module.eval()(torch.randn(1, 32, 8, 8))  # eval uses the running statistics
+    grouped = SplitAttention(32, norm_layer=partial(nn.GroupNorm, 2)).train()
+    assert grouped(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)
+
+
+def test_relu_after_the_conv_runs_in_place_and_gradients_match_out_of_place() -> None:
+    module = randomize(SplitAttention(32, dtype=torch.float64)).train()
+    assert module.act0.inplace
+    reference_module = randomize(SplitAttention(32, act_layer=lambda: nn.ReLU(), dtype=torch.float64)).train()
+    reference_module.load_state_dict(module.state_dict())
+    reference_module.act0.inplace = False
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
+    expected = torch.autograd.grad(reference_module(x).square().sum(), [x, *reference_module.parameters()])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

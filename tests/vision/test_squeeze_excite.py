@@ -57,6 +57,48 @@ def test_injectable_layers():
         SqueezeExcite(16, rd_ratio=0)
 
 
-def test_wrong_channels_message():
-    with pytest.raises(ValueError, match="expected C=16 at dim 1 .* got 8"):
-        SqueezeExcite(16)(torch.randn(1, 8, 4, 4))
+
+def _mlp(se, v):
+    return torch.relu(v @ se.fc1.weight.T + se.fc1.bias) @ se.fc2.weight.T + se.fc2.bias
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "avg_and_max"])
+def test_pooling_options_match_their_equations(pool):
+    torch.manual_seed(1)
+    se = attnzoo.create("se", 32, pool=pool)
+    x = torch.randn(2, 32, 5, 7)
+    avg = torch.einsum("bchw->bc", x) / 35
+    mx = x.reshape(2, 32, -1).max(dim=-1).values
+    logits = {
+        "max": _mlp(se, mx),
+        "avgmax": _mlp(se, 0.5 * (avg + mx)),  # timm's add_maxpool: one descriptor
+        "avg_and_max": _mlp(se, avg) + _mlp(se, mx),  # CBAM eq. 2: two MLP passes, logits summed
+    }[pool]
+    out, gate = se(x, return_attn=True)
+    torch.testing.assert_close(gate[:, :, 0, 0], torch.sigmoid(logits))
+    torch.testing.assert_close(out, x * torch.sigmoid(logits)[:, :, None, None])
+    with pytest.raises(ValueError, match="pool"):
+        SqueezeExcite(16, pool="min")
+
+
+def test_max_pooling_gradients_agree_with_and_without_autograd_path():
+    """max(dim) under autograd, amax without: the same values either way."""
+    se = attnzoo.create("se", 16, pool="avg_and_max")
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        fast = se(x)
+    torch.testing.assert_close(se(x.requires_grad_()), fast, rtol=0, atol=0)
+
+
+def test_effective_se_is_one_full_width_fc():
+    """eSE (CenterMask / VoVNetV2): s = hsigmoid(W GAP(x) + b), W: C -> C."""
+    torch.manual_seed(2)
+    se = attnzoo.create("se", 24, single_fc=True, gate_layer="hard_sigmoid")
+    assert se.fc1.weight.shape == (24, 24) and isinstance(se.fc2, nn.Identity)
+    assert sum(p.numel() for p in se.parameters()) == 24 * 24 + 24
+    x = torch.randn(2, 24, 4, 5)
+    z = torch.einsum("bchw->bc", x) / 20
+    s = torch.clamp(z @ se.fc1.weight.T + se.fc1.bias + 3, 0, 6) / 6  # relu6(t + 3) / 6
+    out, gate = se(x, return_attn=True)
+    torch.testing.assert_close(gate[:, :, 0, 0], s)
+    torch.testing.assert_close(out, x * s[:, :, None, None])

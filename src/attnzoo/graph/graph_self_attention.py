@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, Sizes, register
-from attnzoo.sequence._heads import check_heads
+from attnzoo._checks import check_device, check_input, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.functional.heads import check_heads
+from attnzoo.functional.softmax import compute_dtype
+from attnzoo.registry import Paper, Sample, Sizes, register
 
 __all__ = ["BPGraph", "GraphSelfAttention", "binary_partition_graph", "dense_to_edge_index"]
 
@@ -180,8 +181,23 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     return x, graph.edge_index
 
 
+def _dense_example_inputs(s: Sizes) -> tuple[Tensor, ...]:
+    # the same graph as a bool (N, N) adjacency: row u holds the sources u attends to
+    x, edge_index = _example_inputs(s)
+    adjacency = torch.zeros(x.shape[0], x.shape[0], dtype=torch.bool, device=x.device)
+    adjacency[edge_index[1], edge_index[0]] = True
+    return x, adjacency
+
+
+def _typed_example_inputs(s: Sizes) -> tuple[Tensor, ...]:
+    x, edge_index = _example_inputs(s)
+    edge_type = torch.arange(edge_index.shape[1], device=x.device) % 3  # (E,) in [0, 3)
+    return x, edge_index, edge_type
+
+
 @register(
     "graph_self_attention",
+    map_kind="edges",
     family="graph",
     paper=Paper("BP-Transformer: Modelling Long-Range Context via Binary Partitioning", "1911.04070"),
     equation="head_i(u) = sum_{v in A(u)} softmax_v(q_u^i . (k_v^i + r_{uv}) / sqrt(d_k)) v_v^i, "
@@ -195,6 +211,15 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     "E = O(k n log(n / k)) on the BP graph",
     notes="relative-position (edge-type) embeddings need num_edge_types > 0 and edge_type in forward; "
     "a dense bool adjacency (N, N) runs the dense masked formulation",
+    samples=(
+        Sample("dense", inputs=_dense_example_inputs, description="a bool (N, N) adjacency"),
+        Sample(
+            "edge_types",
+            {"num_edge_types": 3},
+            inputs=_typed_example_inputs,
+            description="relative-position embeddings per edge type",
+        ),
+    ),
 )
 class GraphSelfAttention(nn.Module):
     """Multi-head self-attention over the edges of a graph (BP-Transformer's GSA).
@@ -283,6 +308,9 @@ class GraphSelfAttention(nn.Module):
         """Validate the graph; returns True for a dense adjacency."""
         if not isinstance(edge_index, Tensor):
             raise TypeError(f"edge_index: expected a torch.Tensor, got {type(edge_index).__name__}")
+        check_device(edge_index, "edge_index", self.q_proj.weight.device)
+        if edge_type is not None:
+            check_device(edge_type, "edge_type", self.q_proj.weight.device)
         dense = edge_index.dtype == torch.bool
         if dense:
             if tuple(edge_index.shape) != (num_nodes, num_nodes):
@@ -331,7 +359,7 @@ class GraphSelfAttention(nn.Module):
         *,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "N D", D=self.embed_dim)
+        check_input(x, "x", "N D", D=self.embed_dim, dtype=parameter_dtype(self))
         num_nodes = x.shape[0]
         dense = self._check_edges(edge_index, edge_type, num_nodes)
         heads, dim = self.num_heads, self.head_dim
@@ -359,9 +387,14 @@ class GraphSelfAttention(nn.Module):
         if edge_type is not None:
             relative = self._relative_logits(q)  # (N, h, T)
             logits = logits + relative[target, :, edge_type.long()]  # (E, h)
-        # softmax per target in float32 for half inputs: half-precision sums over many edges lose mass
-        compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        logits = logits.to(compute_dtype) * self.scale
+        # Precision for half inputs: the per-edge logits are summed over d inside the reduction and
+        # rounded once; the softmax (max, exp, the per-target sum of scores) runs in float32 on
+        # these (E, h) values: a half-precision sum over many edges loses mass. The (E, h, d)
+        # messages and their per-target sum stay in the input's dtype (a convex combination of
+        # values: no overflow, and the sum's rounding stays within the dtype's own precision, as
+        # in the peers); casting them to float32 cost 2x the memory and ~40% of the time.
+        dtype = compute_dtype(logits.dtype)
+        logits = logits.to(dtype) * self.scale
         index = target.unsqueeze(1).expand(-1, heads)  # (E,) -> (E, h)
         # The per-target max only shifts the logits (softmax is invariant to it): detached, it needs
         # no gradient; targets without edges keep -inf but are never gathered.
@@ -371,10 +404,10 @@ class GraphSelfAttention(nn.Module):
         total = logits.new_zeros(num_nodes, heads).index_add(0, target, scores)  # (N, h), >= 1 where used
         weights = scores / total.index_select(0, target)  # (E, h)
         dropped = F.dropout(weights, self.dropout) if self.training and self.dropout > 0 else weights
-        messages = v.index_select(0, source).to(compute_dtype) * dropped.unsqueeze(-1)  # (E, h, d)
+        messages = v.index_select(0, source) * dropped.to(v.dtype).unsqueeze(-1)  # (E, h, d)
         # nodes without incoming edges keep the zeros they start with
         merged = messages.new_zeros(num_nodes, heads, v.shape[-1]).index_add(0, target, messages)
-        return merged.to(v.dtype), (weights if return_attn else None)
+        return merged, (weights if return_attn else None)
 
     def _dense(
         self, q: Tensor, k: Tensor, v: Tensor, adjacency: Tensor, edge_type: Tensor | None, return_attn: bool
@@ -387,7 +420,7 @@ class GraphSelfAttention(nn.Module):
             index = edge_type.long().unsqueeze(1).expand(-1, q.shape[0], -1)  # (N, N) -> (N, h, N)
             bias = relative.gather(2, index).transpose(0, 1) * self.scale  # (N, h, N) -> (h, N, N)
             mask = bias.masked_fill(~adjacency, float("-inf"))
-        result = attend(
+        merged, maps = attend_with_weights(
             q,
             k,
             v,
@@ -396,5 +429,4 @@ class GraphSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             return_weights=return_attn,
         )
-        merged, maps = result if isinstance(result, tuple) else (result, None)
         return merged.transpose(0, 1), maps  # (h, N, d) -> (N, h, d)

@@ -10,10 +10,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_variant
-from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, image_input, register
-from attnzoo.vision.squeeze_excite import channel_descriptor
+from attnzoo._checks import check_input, check_variant, parameter_dtype
+from attnzoo.layers import LayerSpec, create_layer
+from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision.squeeze_excite import Pool, SqueezeExcite, needs_grad
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 
@@ -23,6 +23,9 @@ Variant = Literal["paper", "official"]
 
 @register(
     "cbam_channel",
+    placement="residual",
+    map_kind="channel",
+    linear_memory=True,
     family="gating",
     paper=CBAM_PAPER,
     equation="M_c(F) = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), one shared MLP C -> C/r -> C; "
@@ -30,19 +33,24 @@ Variant = Literal["paper", "official"]
     make_kwargs=lambda s: {"channels": s.width},
     make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r); memory O(B C HW)",
+    samples=(Sample("bias=False", {"bias": False}, description="MLP without biases (timm's default)"),),
 )
-class ChannelAttention(nn.Module):
+class ChannelAttention(SqueezeExcite):
     """CBAM channel attention: one shared MLP over the average- and max-pooled descriptors.
 
     ``M_c(F) = sigma(W1 delta(W0 F_avg) + W1 delta(W0 F_max))`` (paper eq. 2; W0: C -> C/r,
     W1: C/r -> C, r = 16, ReLU delta, biases as in the official ``nn.Linear``), and the module
     returns the gated features ``M_c(F) * F``, like its siblings (not the bare weights).
 
+    This is :class:`~attnzoo.vision.squeeze_excite.SqueezeExcite` with ``pool="avg_and_max"``
+    (one implementation for both): the same arguments, the same parameter names.
+
     Args:
         channels: C.
         rd_ratio, rd_channels, rd_divisor: bottleneck width as in :class:`SqueezeExcite`.
         act_layer, gate_layer: injectable activation and gate.
-        bias: MLP biases.
+        bias: MLP biases (official code: yes; timm's ``CbamModule`` defaults to none).
+        pool: the pooling (default CBAM's ``"avg_and_max"``; see :class:`SqueezeExcite`).
 
     Shape:
         - x: (B, C, L), (B, C, H, W) or (B, C, T, H, W); output: the same.
@@ -59,37 +67,29 @@ class ChannelAttention(nn.Module):
         act_layer: LayerSpec = "relu",
         gate_layer: LayerSpec = "sigmoid",
         bias: bool = True,
+        pool: Pool = "avg_and_max",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
-        self.channels = channels
-        width = reduced_width(channels, rd_ratio, rd_channels, rd_divisor)
-        factory = {"device": device, "dtype": dtype}
-        self.fc1 = nn.Linear(channels, width, bias=bias, **factory)
-        self.act = create_layer(act_layer, argument="act_layer")
-        self.fc2 = nn.Linear(width, channels, bias=bias, **factory)
-        self.gate = create_layer(gate_layer, argument="gate_layer")
-
-    def attention(self, x: Tensor) -> Tensor:
-        """M_c(x), shaped (B, C, 1, ...) to broadcast over x."""
-        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels)
-        # both descriptors through the same MLP in one batch: (2, B, C)
-        pooled = torch.stack([channel_descriptor(x, "avg"), channel_descriptor(x, "max")])
-        logits = self.fc2(self.act(self.fc1(pooled))).sum(dim=0)  # (B, C)
-        weights = self.gate(logits)
-        return weights.view(*weights.shape, *([1] * (x.dim() - 2)))  # (B, C) -> (B, C, 1, ...)
-
-    def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        weights = self.attention(x)
-        out = x * weights
-        return (out, weights) if return_attn else out
+        super().__init__(
+            channels,
+            rd_ratio,
+            rd_channels,
+            rd_divisor,
+            pool=pool,
+            act_layer=act_layer,
+            gate_layer=gate_layer,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
 
 
 @register(
     "cbam_spatial",
+    placement="residual",
+    map_kind="spatial",
+    linear_memory=True,
     family="gating",
     paper=CBAM_PAPER,
     equation="M_s(F) = sigmoid(conv7x7([AvgPool_c(F); MaxPool_c(F)])); F' = M_s(F) * F",
@@ -97,6 +97,9 @@ class ChannelAttention(nn.Module):
     make_inputs=image_input,
     cost="time O(B C HW + B HW k^2); memory O(B C HW)",
     notes="variant='official' adds BatchNorm after the conv (no conv bias) and pools [max; mean]",
+    samples=(
+        Sample("variant=official", {"variant": "official"}, description="BN after the spatial conv"),
+    ),
 )
 class SpatialAttention(nn.Module):
     """CBAM spatial attention: a k x k conv over the channel-wise mean and max maps.
@@ -140,9 +143,12 @@ class SpatialAttention(nn.Module):
 
     def attention(self, x: Tensor) -> Tensor:
         """M_s(x), (B, 1, H, W)."""
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         mean_map = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
-        max_map = x.max(dim=1, keepdim=True).values  # (B, 1, H, W); max, not amax: faster backward
+        if needs_grad(x):
+            max_map = x.max(dim=1, keepdim=True).values  # (B, 1, H, W); max(dim): faster backward
+        else:
+            max_map = x.amax(dim=1, keepdim=True)  # no indices to compute: ~6x faster
         maps = [max_map, mean_map] if self.variant == "official" else [mean_map, max_map]
         return self.gate(self.norm(self.conv(torch.cat(maps, dim=1))))
 
@@ -154,13 +160,21 @@ class SpatialAttention(nn.Module):
 
 @register(
     "cbam",
+    placement="residual",
+    map_kind="mixed",
+    linear_memory=True,
     family="gating",
     paper=CBAM_PAPER,
     equation="F' = M_c(F) * F; F'' = M_s(F') * F'",
     make_kwargs=lambda s: {"channels": s.width},
     make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r + B HW k^2); memory O(B C HW)",
-    notes="variant='official' uses the official spatial branch (BN, [max; mean])",
+    notes="variant='official' uses the official spatial branch (BN, [max; mean]); mlp_bias=False "
+    "drops the channel MLP's biases (timm's CbamModule default)",
+    samples=(
+        Sample("variant=official", {"variant": "official"}, description="BN after the spatial conv"),
+        Sample("mlp_bias=False", {"mlp_bias": False}, description="channel MLP without biases"),
+    ),
 )
 class CBAM(nn.Module):
     """CBAM: channel attention, then spatial attention on the channel-refined features.
@@ -175,6 +189,7 @@ class CBAM(nn.Module):
         kernel_size: spatial conv size (7).
         act_layer, gate_layer: injectable activation and gate for both branches.
         variant: ``"paper"`` or ``"official"`` (see :class:`SpatialAttention`).
+        mlp_bias: biases in the channel MLP (official code: yes; timm's ``CbamModule``: no).
 
     Shape:
         - x: (B, C, H, W); output: the same.
@@ -192,6 +207,7 @@ class CBAM(nn.Module):
         act_layer: LayerSpec = "relu",
         gate_layer: LayerSpec = "sigmoid",
         variant: Variant = "paper",
+        mlp_bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -204,6 +220,7 @@ class CBAM(nn.Module):
             rd_divisor,
             act_layer=act_layer,
             gate_layer=gate_layer,
+            bias=mlp_bias,
             **factory,
         )
         self.spatial = SpatialAttention(
@@ -211,7 +228,7 @@ class CBAM(nn.Module):
         )
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        check_input(x, "x", "B C H W", C=self.channel.channels)
+        check_input(x, "x", "B C H W", C=self.channel.channels, dtype=parameter_dtype(self))
         channel_weights = self.channel.attention(x)
         refined = x * channel_weights
         spatial_weights = self.spatial.attention(refined)

@@ -7,13 +7,14 @@ https://arxiv.org/abs/1910.03151.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import SPATIAL_LAYOUTS, check_input
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input, parameter_dtype
 from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, image_input, register
+from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["ECA", "OFFICIAL_RESNET_KERNEL_SIZES", "adaptive_kernel_size"]
@@ -44,6 +45,9 @@ def adaptive_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> i
 
 @register(
     "eca",
+    placement="residual",
+    map_kind="channel",
+    linear_memory=True,
     family="gating",
     paper=Paper("ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks", "1910.03151"),
     equation="y = x * sigmoid(conv1d_k(GAP(x))) (1-D conv across channels, zero padding, no bias); "
@@ -52,7 +56,12 @@ def adaptive_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> i
     make_inputs=image_input,
     cost="time O(B C HW + B C k); memory O(B C HW) (the gated output); k parameters",
     notes="kernel_size=None is the paper's adaptive k; the released ImageNet ResNets fix k per stage "
-    "(OFFICIAL_RESNET_KERNEL_SIZES, e.g. 3, 5, 5, 7 for ResNet-50)",
+    "(OFFICIAL_RESNET_KERNEL_SIZES, e.g. 3, 5, 5, 7 for ResNet-50); padding='circular' wraps the "
+    "channel axis around (timm's CecaModule)",
+    samples=(
+        Sample("kernel_size=5", {"kernel_size": 5}, description="a fixed kernel size"),
+        Sample("padding=circular", {"padding": "circular"}, description="circular ECA (channels wrap)"),
+    ),
 )
 class ECA(nn.Module):
     """Efficient channel attention: a k-tap 1-D convolution across the pooled channel vector.
@@ -73,6 +82,9 @@ class ECA(nn.Module):
         channels: C.
         kernel_size: k, odd; None chooses it from C (the paper's adaptive rule).
         gamma, b: the adaptive rule's constants (paper: 2 and 1).
+        padding: how the channel axis is padded for the 1-D conv: ``"zeros"`` (paper: zero
+            padding, the end channels see fewer neighbours) or ``"circular"`` (the channel axis
+            wraps around, so every channel has k neighbours: timm's ``CecaModule``).
         gate_layer: the gate (default sigmoid).
 
     Shape:
@@ -87,6 +99,7 @@ class ECA(nn.Module):
         *,
         gamma: float = 2.0,
         b: float = 1.0,
+        padding: Literal["zeros", "circular"] = "zeros",
         gate_layer: LayerSpec = "sigmoid",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -98,15 +111,24 @@ class ECA(nn.Module):
             kernel_size = adaptive_kernel_size(channels, gamma, b)
         elif kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd positive size or None, got {kernel_size}")
-        self.channels, self.kernel_size = channels, kernel_size
+        if padding not in ("zeros", "circular"):
+            raise ValueError(f"padding: expected 'zeros' or 'circular', got {padding!r}")
+        self.channels, self.kernel_size, self.padding = channels, kernel_size, padding
         # the paper's C1D_k: one input and one output "channel"; C is the convolved axis
         self.conv = nn.Conv1d(
-            1, 1, kernel_size, padding=kernel_size // 2, bias=False, device=device, dtype=dtype
+            1,
+            1,
+            kernel_size,
+            padding=kernel_size // 2,
+            padding_mode=padding,
+            bias=False,
+            device=device,
+            dtype=dtype,
         )
         self.gate = create_layer(gate_layer, argument="gate_layer")
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels)
+        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels, dtype=parameter_dtype(self))
         pooled = channel_descriptor(x, "avg").unsqueeze(1)  # (B, C) -> (B, 1, C)
         logits = self.conv(pooled)  # (B, 1, C)
         weights = self.gate(logits.squeeze(1))  # (B, 1, C) -> (B, C)
@@ -116,4 +138,4 @@ class ECA(nn.Module):
         return (out, scale) if return_attn else out
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kernel_size={self.kernel_size}"
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, padding={self.padding!r}"

@@ -12,18 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["GlobalContext"]
 
 Pooling = Literal["att", "avg"]
-Fusion = Literal["add", "scale"]
+Fusion = Literal["add", "scale", "scale_add"]
+FUSIONS: tuple[str, ...] = ("add", "scale", "scale_add")
 
 
 @register(
     "gc",
+    placement="residual",
+    map_kind="mixed",
+    linear_memory=True,
     family="gating",
     paper=Paper("GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", "1904.11492"),
     equation="z_i = x_i + W_v2 relu(LN(W_v1 sum_j softmax_j(W_k x_j) x_j)), W_v1: C -> C/r, "
@@ -32,7 +37,16 @@ Fusion = Literal["add", "scale"]
     make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r); memory O(B C HW) (no HW x HW map)",
     notes="fusion='scale' is the official code's multiplicative 'channel_mul' (x * sigmoid(.)); "
-    "pooling='avg' replaces the attention pooling by global average pooling (the paper's ablation)",
+    "fusion='scale_add' both, each with its own transform (fusion_types=('channel_mul', "
+    "'channel_add')); pooling='avg' replaces the attention pooling by global average pooling (the "
+    "paper's ablation); layer_norm_eps sets the LayerNorm epsilon (timm's GlobalContext: 1e-6)",
+    samples=(
+        Sample("fusion=scale", {"fusion": "scale"}, description="official channel_mul"),
+        Sample("fusion=scale_add", {"fusion": "scale_add"}, description="channel_mul and channel_add"),
+        Sample("pooling=avg", {"pooling": "avg"}, description="global average pooling"),
+        Sample("layer_norm=False", {"layer_norm": False}, description="no LayerNorm in the transform"),
+        Sample("layer_norm_eps=1e-6", {"layer_norm_eps": 1e-6}, description="timm's LayerNorm epsilon"),
+    ),
 )
 class GlobalContext(nn.Module):
     """Global context block: attention pooling to one context vector, a bottleneck transform, add.
@@ -57,9 +71,13 @@ class GlobalContext(nn.Module):
         rd_divisor: round the bottleneck to a multiple of this (1 = floor of C/r).
         pooling: ``"att"`` (paper: softmax attention pooling) or ``"avg"`` (global average pooling,
             the paper's ablation / the official ``pooling_type='avg'``; no W_k).
-        fusion: ``"add"`` (paper: z = x + transform) or ``"scale"`` (the official code's
-            ``channel_mul``: z = x * sigmoid(transform), SE-like).
+        fusion: ``"add"`` (paper: z = x + transform), ``"scale"`` (the official code's
+            ``channel_mul``: z = x * sigmoid(transform), SE-like) or ``"scale_add"`` (both, as the
+            official ``fusion_types=('channel_mul', 'channel_add')``:
+            z = x * sigmoid(T_scale(c)) + T_add(c), two transforms, both last layers zero-init;
+            ``fc1``/``norm``/``fc2`` are T_add, ``scale_fc1``/``scale_norm``/``scale_fc2`` T_scale).
         layer_norm: the LayerNorm in the transform (paper: yes; it eases optimisation).
+        layer_norm_eps: its epsilon (PyTorch's and the official code's 1e-5; timm uses 1e-6).
         act_layer: the transform's activation (default ReLU).
         bias: biases in W_v1 and W_v2 (the official 1x1 convs have them).
 
@@ -67,7 +85,8 @@ class GlobalContext(nn.Module):
         - x: (B, C, H, W); output: the same.
         - attention (``return_attn``): ``{"position": alpha (B, 1, H, W), summing to 1 over H*W
           (uniform for ``pooling="avg"``), "channel": the transformed context (B, C, 1, 1), i.e.
-          the added term for ``"add"`` or the gate for ``"scale"``}``.
+          the added term for ``"add"`` and ``"scale_add"`` or the gate for ``"scale"``}``, and
+          for ``"scale_add"`` also ``"gate"``, the scale's gate (B, C, 1, 1).
     """
 
     def __init__(
@@ -80,18 +99,20 @@ class GlobalContext(nn.Module):
         pooling: Pooling = "att",
         fusion: Fusion = "add",
         layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
         act_layer: LayerSpec = "relu",
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         if pooling not in ("att", "avg"):
             raise ValueError(f"pooling: expected 'att' or 'avg', got {pooling!r}")
-        if fusion not in ("add", "scale"):
-            raise ValueError(f"fusion: expected 'add' or 'scale', got {fusion!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        if not layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps: expected a positive number, got {layer_norm_eps}")
         self.channels, self.pooling, self.fusion = channels, pooling, fusion
         width = reduced_width(channels, rd_ratio, rd_channels, rd_divisor)
         if layer_norm and width == 1 and rd_channels is None:
@@ -101,22 +122,38 @@ class GlobalContext(nn.Module):
         self.rd_channels = width
         factory = {"device": device, "dtype": dtype}
         self.key = nn.Linear(channels, 1, bias=False, **factory) if pooling == "att" else None
+        self.act = create_layer(act_layer, argument="act_layer")  # parameter-free: shared
+
+        def norm() -> nn.Module:
+            return nn.LayerNorm(width, eps=layer_norm_eps, **factory) if layer_norm else nn.Identity()
+
         self.fc1 = nn.Linear(channels, width, bias=bias, **factory)
-        self.norm = nn.LayerNorm(width, **factory) if layer_norm else nn.Identity()
-        self.act = create_layer(act_layer, argument="act_layer")
+        self.norm = norm()
         self.fc2 = nn.Linear(width, channels, bias=bias, **factory)
+        self.scale_fc1 = self.scale_norm = self.scale_fc2 = None
+        if fusion == "scale_add":
+            self.scale_fc1 = nn.Linear(channels, width, bias=bias, **factory)
+            self.scale_norm = norm()
+            self.scale_fc2 = nn.Linear(width, channels, bias=bias, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The official initialisation: W_k Kaiming-normal (fan_in), W_v2 (weight and bias) zero."""
         if self.key is not None:
             nn.init.kaiming_normal_(self.key.weight, mode="fan_in", nonlinearity="relu")
-        self.fc1.reset_parameters()
-        if isinstance(self.norm, nn.LayerNorm):
-            self.norm.reset_parameters()
-        nn.init.zeros_(self.fc2.weight)
-        if self.fc2.bias is not None:
-            nn.init.zeros_(self.fc2.bias)
+        for fc1, norm, fc2 in self._transforms():
+            fc1.reset_parameters()
+            if isinstance(norm, nn.LayerNorm):
+                norm.reset_parameters()
+            nn.init.zeros_(fc2.weight)
+            if fc2.bias is not None:
+                nn.init.zeros_(fc2.bias)
+
+    def _transforms(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        layers = [(self.fc1, self.norm, self.fc2)]
+        if self.scale_fc1 is not None:
+            layers.append((self.scale_fc1, self.scale_norm, self.scale_fc2))
+        return layers
 
     def pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The context vector sum_j alpha_j x_j, (B, C), and the pooling weights alpha, (B, HW)."""
@@ -125,30 +162,41 @@ class GlobalContext(nn.Module):
             context = flat.mean(dim=-1)
             weights = torch.full_like(flat[:, 0], 1.0 / flat.shape[-1])  # (B, HW), uniform
             return context, weights
-        # W_k x_j for every position, as a 1x1 conv: (B, C, HW) -> (B, 1, HW) -> (B, HW). NOTE: not
-        # matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first.
-        logits = F.conv1d(flat, self.key.weight.unsqueeze(-1)).squeeze(1)
-        compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
-        weights = torch.softmax(logits, dim=-1, dtype=compute_dtype)
+        # W_k x_j for every position, as a 1x1 conv: (B, C, H, W) -> (B, 1, H, W) -> (B, HW). NOTE: not
+        # matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first;
+        # and on x, not on its view `flat`: the gradients of the two uses of `flat` would be summed
+        # out of place (one full-size add more in the backward) before reaching x
+        logits = F.conv2d(x, self.key.weight[:, :, None, None]).flatten(1)
+        weights = masked_softmax(logits)
         # (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (B, C)
         context = torch.matmul(flat, weights.to(x.dtype).unsqueeze(-1)).squeeze(-1)
         return context, weights
 
     def transform(self, context: Tensor) -> Tensor:
-        """W_v2 ReLU(LN(W_v1 c)), (B, C) -> (B, C)."""
+        """W_v2 ReLU(LN(W_v1 c)), (B, C) -> (B, C) (for ``"scale_add"``: the added term)."""
         return self.fc2(self.act(self.norm(self.fc1(context))))
 
+    def scale_transform(self, context: Tensor) -> Tensor:
+        """The scale's own transform of ``"scale_add"``, (B, C) -> (B, C)."""
+        assert self.scale_fc1 is not None and self.scale_norm is not None and self.scale_fc2 is not None
+        return self.scale_fc2(self.act(self.scale_norm(self.scale_fc1(context))))
+
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         context, weights = self.pool(x)
         term = self.transform(context)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        maps = {}
         if self.fusion == "add":
             out = x + term
-        else:
+        elif self.fusion == "scale":
             term = torch.sigmoid(term)
             out = x * term
+        else:
+            gate = torch.sigmoid(self.scale_transform(context))[:, :, None, None]  # (B, C, 1, 1)
+            out = torch.addcmul(term, x, gate)  # x * gate + term in one pass
+            maps["gate"] = gate
         if return_attn:
             # (B, HW) -> (B, 1, H, W)
             position = weights.view(weights.shape[0], 1, *x.shape[2:])
-            return out, {"position": position, "channel": term}
+            return out, {"position": position, "channel": term, **maps}
         return out

@@ -5,26 +5,27 @@ Li et al. 2019, "Selective Kernel Networks", https://arxiv.org/abs/1903.06586.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision._norm import NormSpec, check_batch_statistics, create_norm
 
 __all__ = ["SelectiveKernel"]
 
 
-def _positive(value: int, name: str) -> None:
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
-
-
 @register(
     "sk",
+    placement="conv",
+    map_kind="channel",
+    linear_memory=True,
     family="gating",
     paper=Paper("Selective Kernel Networks", "1903.06586"),
     equation="U_m = ReLU(BN(conv_m(X))) (3x3 and 3x3 dilation 2, G = 32 groups); "
@@ -34,7 +35,21 @@ def _positive(value: int, name: str) -> None:
     make_inputs=image_input,
     cost="time O(M B HW C C_in 9 / G + B C d (M + 1)); memory O(M B C HW) (the branch outputs)",
     notes="the paper's '5x5' branch is a 3x3 conv with dilation 2 (paper and official Caffe code); "
-    "kernel_sizes=(3, 5), dilations=(1, 1) gives true 5x5 kernels as some re-implementations do",
+    "kernel_sizes=(3, 5), dilations=(1, 1) gives true 5x5 kernels as some re-implementations do; "
+    "norm_layer replaces every BatchNorm (None: no normalisation)",
+    samples=(
+        Sample(
+            "kernel_sizes=(3, 5)",
+            {"kernel_sizes": (3, 5), "dilations": (1, 1)},
+            description="a true 5x5 branch",
+        ),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 2)},
+            description="GroupNorm instead of BatchNorm (trains with a batch of one)",
+        ),
+        Sample("norm_layer=None", {"norm_layer": None}, description="no normalisation"),
+    ),
 )
 class SelectiveKernel(nn.Module):
     """Selective kernel (SK) convolution: M conv branches mixed by a softmax over branches per channel.
@@ -64,6 +79,10 @@ class SelectiveKernel(nn.Module):
         kernel_sizes: the kernel size of each branch (paper: (3, 3)).
         dilations: the dilation of each branch (paper: (1, 2)); same length as ``kernel_sizes``.
         act_layer: the activation of the branches and of z (default ReLU).
+        norm_layer: the normalisation of the branches and of z, a factory ``(num_features,
+            device=, dtype=) -> nn.Module`` applied to (B, C, H, W) maps and to z as (B, d, 1, 1)
+            (default ``nn.BatchNorm2d``, as in the paper; e.g. ``functools.partial(nn.GroupNorm,
+            32)``); None for none.
 
     Shape:
         - x: (B, C_in, H, W).
@@ -84,16 +103,14 @@ class SelectiveKernel(nn.Module):
         kernel_sizes: Sequence[int] = (3, 3),
         dilations: Sequence[int] = (1, 2),
         act_layer: LayerSpec = "relu",
+        norm_layer: NormSpec = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
-        _positive(channels, "channels")
-        _positive(out_channels, "out_channels")
-        _positive(stride, "stride")
-        _positive(groups, "groups")
-        _positive(min_rd_channels, "min_rd_channels")
+        check_positive(channels=channels, out_channels=out_channels, stride=stride, groups=groups)
+        check_positive(min_rd_channels=min_rd_channels)
         if channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups: expected a divisor of channels={channels} and out_channels={out_channels}, "
@@ -110,7 +127,7 @@ class SelectiveKernel(nn.Module):
             if k < 1 or k % 2 == 0:
                 raise ValueError(f"kernel_sizes: expected odd positive sizes, got {kernel_sizes}")
         for d in dilations:
-            _positive(d, "dilations")
+            check_positive(dilations=d)
         self.channels, self.out_channels, self.stride = channels, out_channels, stride
         self.num_branches = len(kernel_sizes)
         if rd_channels is None:
@@ -132,29 +149,32 @@ class SelectiveKernel(nn.Module):
                     bias=False,
                     **factory,
                 ),
-                nn.BatchNorm2d(out_channels, **factory),
+                create_norm(norm_layer, out_channels, **factory),
                 create_layer(act_layer, argument="act_layer"),
             )
             for k, d in zip(kernel_sizes, dilations)
         )
         self.fc = nn.Linear(out_channels, width, bias=False, **factory)  # W
-        self.norm = nn.BatchNorm1d(width, **factory)
+        # on z as (B, d, 1, 1): BatchNorm2d there is the paper's BatchNorm over (B, d)
+        self.norm = create_norm(norm_layer, width, **factory)
         self.act = create_layer(act_layer, argument="act_layer")
         # A_1, ..., A_M stacked into one layer: output m * C + c is row c of A_m
         self.select = nn.Linear(width, self.num_branches * out_channels, bias=False, **factory)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
+        check_batch_statistics(self.norm, x, "the BatchNorm of the fuse step's z (norm)")
         feats = [branch(x) for branch in self.branches]  # M x (B, C, H', W')
         # GAP is linear: GAP(sum_m U_m) = sum_m GAP(U_m), without materialising U
         pooled = feats[0].mean(dim=(2, 3))  # (B, C)
         for feat in feats[1:]:
             pooled = pooled + feat.mean(dim=(2, 3))
-        z = self.act(self.norm(self.fc(pooled)))  # (B, d)
         batch = x.shape[0]
+        z = self.norm(self.fc(pooled)[:, :, None, None])  # (B, d) -> (B, d, 1, 1)
+        z = self.act(z.flatten(1))  # (B, d, 1, 1) -> (B, d)
         logits = self.select(z).view(batch, self.num_branches, self.out_channels)  # (B, M*C) -> (B, M, C)
         # softmax in at least float32: half-precision logits lose the small differences that matter
-        weights = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        weights = masked_softmax(logits, dim=1)
         weights = weights.to(x.dtype).view(batch, self.num_branches, self.out_channels, 1, 1)
         out = feats[0] * weights[:, 0]
         for m in range(1, self.num_branches):

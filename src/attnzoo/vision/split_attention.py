@@ -5,23 +5,25 @@ Zhang et al. 2020, "ResNeSt: Split-Attention Networks", https://arxiv.org/abs/20
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.softmax import compute_dtype, masked_softmax
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision._norm import NormSpec, check_batch_statistics, create_norm
 
 __all__ = ["SplitAttention"]
 
 
-def _positive(value: int, name: str) -> None:
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
-
-
 @register(
     "split_attention",
+    placement="conv",
+    map_kind="channel",
+    linear_memory=True,
     family="gating",
     paper=Paper("ResNeSt: Split-Attention Networks", "2004.08955"),
     equation="U_{k,r} = ReLU(BN(conv3x3_{k,r}(X))); s^k = GAP(sum_r U_{k,r}); "
@@ -30,7 +32,18 @@ def _positive(value: int, name: str) -> None:
     make_inputs=image_input,
     cost="time O(B HW C C_in R 9 / (K R) + B C d R / K); memory O(R B C HW) (the radix splits)",
     notes="radix-major splits and cardinality-major attention logits, as in the official SplAtConv2d "
-    "(its weights load here); the mid width uses the input width, max(C_in * R // 4, 32)",
+    "(its weights load here); the mid width uses the input width, max(C_in * R // 4, 32); "
+    "norm_layer replaces both BatchNorms (None: no normalisation)",
+    samples=(
+        Sample("radix=1", {"radix": 1}, description="one split: a sigmoid gate"),
+        Sample("cardinality=2", {"cardinality": 2}, description="two cardinal groups"),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 2)},
+            description="GroupNorm instead of BatchNorm (trains with a batch of one)",
+        ),
+        Sample("norm_layer=None", {"norm_layer": None}, description="no normalisation"),
+    ),
 )
 class SplitAttention(nn.Module):
     """ResNeSt split-attention convolution: R radix splits per cardinal group, mixed by a softmax.
@@ -61,7 +74,11 @@ class SplitAttention(nn.Module):
         rd_ratio: 1 / reduction factor of the attention MLP (official: 1/4), on ``C_in * R``.
         rd_channels: d, overriding ``rd_ratio`` and ``min_rd_channels``.
         min_rd_channels: the floor of d (official: 32).
-        act_layer: the activation after the conv and in G (default ReLU).
+        act_layer: the activation after the conv and in G (default ReLU; a ``nn.ReLU`` after the
+            conv's norm runs in place, as in the official code, which saves a full-size buffer).
+        norm_layer: the normalisation after the conv and in G, a factory ``(num_features, device=,
+            dtype=) -> nn.Module`` (default ``nn.BatchNorm2d``, as in the paper; e.g.
+            ``functools.partial(nn.GroupNorm, 32)``); None for none.
 
     Shape:
         - x: (B, C_in, H, W).
@@ -82,20 +99,14 @@ class SplitAttention(nn.Module):
         rd_channels: int | None = None,
         min_rd_channels: int = 32,
         act_layer: LayerSpec = "relu",
+        norm_layer: NormSpec = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
-        for value, name in (
-            (channels, "channels"),
-            (out_channels, "out_channels"),
-            (stride, "stride"),
-            (radix, "radix"),
-            (cardinality, "cardinality"),
-            (min_rd_channels, "min_rd_channels"),
-        ):
-            _positive(value, name)
+        check_positive(channels=channels, out_channels=out_channels, stride=stride)
+        check_positive(radix=radix, cardinality=cardinality, min_rd_channels=min_rd_channels)
         if channels % (cardinality * radix):
             raise ValueError(
                 f"channels: expected a multiple of cardinality * radix = {cardinality * radix}, "
@@ -129,34 +140,44 @@ class SplitAttention(nn.Module):
             bias=False,
             **factory,
         )
-        self.bn0 = nn.BatchNorm2d(out_channels * radix, **factory)
+        self.bn0 = create_norm(norm_layer, out_channels * radix, **factory)
         self.act0 = create_layer(act_layer, argument="act_layer")
+        if type(self.act0) is nn.ReLU:
+            # in place on the norm's output, which nothing else keeps (BatchNorm's backward reads
+            # its input): one full-size (B, R*C, H', W') buffer less in training
+            self.act0.inplace = True
         self.fc1 = nn.Conv2d(out_channels, width, 1, groups=cardinality, **factory)
-        self.bn1 = nn.BatchNorm2d(width, **factory)
+        self.bn1 = create_norm(norm_layer, width, **factory)
         self.act1 = create_layer(act_layer, argument="act_layer")
         self.fc2 = nn.Conv2d(width, out_channels * radix, 1, groups=cardinality, **factory)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
+        check_batch_statistics(self.bn1, x, "the BatchNorm of the attention MLP G (bn1)")
         batch, radix, channels, card = x.shape[0], self.radix, self.out_channels, self.cardinality
         feats = self.act0(self.bn0(self.conv(x)))  # (B, R*C, H', W')
         height, width = feats.shape[-2:]
         splits = feats.view(batch, radix, channels, height, width)  # (B, R*C, H', W') -> (B, R, C, H', W')
-        # GAP is linear: mean each split, then sum over the splits (no (B, C, H', W') temporary)
-        pooled = splits.mean(dim=(3, 4)).sum(dim=1)  # (B, C)
+        # GAP(sum_r U_r) as sums over (h, w), then over r, then a scale on the (B, C) result: no
+        # (B, C, H', W') temporary, and every backward step is a broadcast view (a mean per split
+        # would write a full-size (B, R, C, H', W') gradient; one sum over the non-adjacent dims
+        # (r, h, w) makes a full-size float32 copy of half-precision input)
+        pooled = splits.sum(dim=(3, 4)).sum(dim=1) * (1.0 / (height * width))  # (B, C)
         hidden = self.act1(self.bn1(self.fc1(pooled.view(batch, channels, 1, 1))))  # (B, d, 1, 1)
         logits = self.fc2(hidden)  # (B, R*C, 1, 1), cardinality-major
         # (B, R*C, 1, 1) -> (B, K, R, C/K): fc2's groups are the cardinal groups
         logits = logits.view(batch, card, radix, channels // card)
-        compute = torch.promote_types(logits.dtype, torch.float32)
         if radix > 1:
-            weights = torch.softmax(logits, dim=2, dtype=compute)
+            weights = masked_softmax(logits, dim=2)
         else:
-            weights = torch.sigmoid(logits.to(compute))
+            weights = torch.sigmoid(logits.to(compute_dtype(logits.dtype)))
         # (B, K, R, C/K) -> (B, R, K, C/K) -> (B, R, C, 1, 1): split-major, like the conv output
         weights = weights.to(x.dtype).transpose(1, 2).reshape(batch, radix, channels, 1, 1)
-        # sum_r a_r * U_r without a (B, R, C, H', W') product temporary
-        out = splits[:, 0] * weights[:, 0]  # (B, C, H', W')
+        # sum_r a_r * U_r without a (B, R, C, H', W') product temporary; unbind, not indexing:
+        # the backward stacks the R gradients into one buffer where each index would write its own
+        # full-size zero-filled one
+        parts, part_weights = splits.unbind(dim=1), weights.unbind(dim=1)  # R x (B, C, H', W')
+        out = parts[0] * part_weights[0]  # (B, C, H', W')
         for r in range(1, radix):
-            out = torch.addcmul(out, splits[:, r], weights[:, r])
+            out = torch.addcmul(out, parts[r], part_weights[r])
         return (out, weights) if return_attn else out
