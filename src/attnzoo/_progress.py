@@ -1,34 +1,37 @@
-"""A dependency-free progress bar on stderr (one line per update when stderr is not a terminal)."""
+"""The progress bar of the commands: tqdm's, on stderr (``pip install 'attnzoo[demo]'`` installs it).
+
+Without tqdm the commands run without a bar; nothing else changes.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
+from typing import Any
 
 __all__ = ["Progress"]
 
 
 class Progress:
-    """``[#####.....] 3/10 label  12s`` redrawn in place on a terminal."""
+    """A bar of ``total`` steps; each :meth:`update` shows a label and counts one step."""
 
-    def __init__(self, total: int, *, enabled: bool = True, width: int = 30) -> None:
-        self.total, self.done, self.enabled, self.width = total, 0, enabled, width
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
+    def __init__(self, total: int, *, enabled: bool = True) -> None:
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False, unit="step")
 
     def update(self, label: str, *, advance: bool = True) -> None:
-        """Show ``label`` with the bar at the current count, then count one more step."""
-        if self.enabled:
-            filled = self.width * self.done // max(self.total, 1)
-            elapsed = time.perf_counter() - self.start
-            bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
-            bar += f" {label}  {elapsed:.0f}s"
-            sys.stderr.write(("\r\033[K" + bar) if self.tty else (bar + "\n"))
-            sys.stderr.flush()
+        """Show ``label`` beside the bar and, with ``advance``, count one more step."""
+        if self.bar is None:
+            return
+        self.bar.set_description_str(label, refresh=not advance)
         if advance:
-            self.done += 1
+            self.bar.update(1)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -47,7 +47,7 @@ def test_month_name_links_both_digits_to_every_letter_as_possible() -> None:
 
 
 def test_weekday_produces_nothing() -> None:
-    source, spans = render(MARCH_3_1987, template("Tuesday, March 3, 1987"))
+    _, spans = render(MARCH_3_1987, template("Tuesday, March 3, 1987"))
     gold = gold_alignment(MARCH_3_1987, template("Tuesday, March 3, 1987"))
     start, end = spans["weekday"]
     assert not {(t, s) for t, s in gold.possible if start <= s < end}
@@ -99,3 +99,41 @@ def test_links_from_weights_take_each_rows_argmax_within_the_real_tokens() -> No
         links_from_weights(weights[0], 1, 3)
     with pytest.raises(ValueError, match="expected 2 sentences"):
         alignment_error_rate([set()], [GoldAlignment(frozenset(), frozenset())] * 2)
+
+
+class _OracleAttention(torch.nn.Module):
+    """A stand-in Seq2Seq whose attention puts each output character on one of its gold sure links."""
+
+    def __init__(self, pairs: object, shift: int = 0) -> None:
+        super().__init__()
+        self.pairs, self.shift = pairs, shift
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor) -> tuple:
+        batch, steps = tgt_in.shape
+        attn = torch.zeros(batch, steps, src.shape[1])
+        for i in range(batch):
+            index = next(
+                j
+                for j, s in enumerate(self.pairs.test_sources)
+                if self.pairs.source_vocab.encode([s])[0].tolist() == src[i, : len(s) + 1].tolist()
+            )
+            gold = self.pairs.test_alignments[index]
+            for t in range(steps):
+                sources = sorted(s for tt, s in gold.sure if tt == t) or sorted(
+                    s for tt, s in gold.possible if tt == t
+                )
+                if sources:
+                    attn[i, t, (sources[0] + self.shift) % src.shape[1]] = 1.0
+        return torch.zeros(batch, steps, 3), attn
+
+
+def test_translate_alignment_error_of_an_oracle_is_near_zero_and_of_a_shifted_one_high() -> None:
+    from attnzoo.demos.translate import alignment_error
+
+    pairs = date_pairs(10, 12, seed=5)
+    oracle = alignment_error(_OracleAttention(pairs), pairs, batch_size=5)
+    # hyphens link to a possible separator, digits to sure links: only hyphen links outside S remain
+    assert oracle < 0.25
+    shifted = alignment_error(_OracleAttention(pairs, shift=1), pairs, batch_size=5)
+    assert shifted > 0.7 > oracle

@@ -10,9 +10,9 @@ from attnzoo.demos.compare import (
     CompareConfig,
     Dataset,
     _train_run,
-    attention_heatmaps,
     build_model,
     load_dataset,
+    map_row,
     run_compare,
 )
 from attnzoo.demos.distributed import DistInfo
@@ -38,7 +38,7 @@ def test_plan_workers_splits_threads_between_jobs():
 
 def test_workers_give_the_in_process_result(tmp_path, restore_threads):
     config = dict(
-        mechanisms=["none", "cbam"], epochs=1, seeds=[0, 1], depth=8, width=4, limit=64,
+        mechanisms=["none", "cbam_spatial"], epochs=1, seeds=[0, 1], depth=8, width=4, limit=64,
         output=str(tmp_path), progress=False, sample_images=2,
     )  # fmt: skip
     # two workers of one thread each against one process of one thread: the same runs, bit for bit
@@ -48,7 +48,9 @@ def test_workers_give_the_in_process_result(tmp_path, restore_threads):
         assert ours.name == theirs.name
         assert ours.curves == theirs.curves and ours.losses == theirs.losses
         assert ours.params == theirs.params and ours.mflops == theirs.mflops
-    torch.testing.assert_close(parallel_maps["cbam"], serial_maps["cbam"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        parallel_maps["cbam_spatial"].values, serial_maps["cbam_spatial"].values, rtol=0, atol=0
+    )
 
 
 def test_a_failing_worker_run_raises_here(restore_threads):
@@ -73,7 +75,7 @@ def test_mechanism_options_reach_the_modules():
     model = build_model("non_local", config, data)
     blocks = [m for m in model.modules() if type(m).__name__ == "NonLocalBlock"]
     assert blocks and all(b.sub_sample for b in blocks)  # the paper's sub-sampling, on by default
-    assert attention_heatmaps(model, data.test_x[:2]).shape == (2, 32, 32)  # maps over pooled keys
+    assert map_row(model, data.test_x[:2]).values.shape == (2, 32, 32)  # maps over pooled keys
     config.attention_kwargs["non_local"] = {"sub_sample": False}
     model = build_model("non_local", config, load_dataset(config))
     assert not any(m.sub_sample for m in model.modules() if type(m).__name__ == "NonLocalBlock")
@@ -99,15 +101,73 @@ def test_ctrl_c_stops_the_workers_at_once(tmp_path):
     command = [sys.executable, "-m", "attnzoo", "compare", "--epochs", "3", "--workers", "2",
                "--threads", "2", "--limit", "600", "-o", str(tmp_path)]  # fmt: skip
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job ignores it
     )  # fmt: skip
-    for line in proc.stderr:  # wait until the workers are training
-        if "epoch 1/3" in line:
-            break
+    wait_for(proc, "epoch 1/3")  # the workers are training
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the CLI and its workers together
     start = time.perf_counter()
     _, err = proc.communicate(timeout=60)
     # an executor would first finish the runs already queued to the workers (tens of seconds)
     assert time.perf_counter() - start < 10
-    assert proc.returncode == 130 and "attnzoo: interrupted" in err
+    assert proc.returncode == 130 and "attnzoo: interrupted" in err.decode()
+    assert "Traceback" not in err.decode()  # the workers ignore Ctrl-C: the parent stops them
+
+
+def wait_for(proc, text: str, timeout: float = 300) -> None:
+    """Read the process's stderr until ``text`` appears (the progress bar redraws with \\r, not
+    lines)."""
+    import os
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:  # field 4 of stat: the parent's pid
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "attnzoo", "compare", "--epochs", "5", "--workers", "2",
+               "--threads", "2", "--limit", "600", "-o", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(proc, "epoch 1/5")  # the workers are training
+    workers = [pid for pid in _children(proc.pid) if _alive(pid)]
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGKILL)  # no cleanup at all: what the out-of-memory killer does
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)

@@ -1,7 +1,13 @@
 """Latency, peak memory and FLOPs of a callable, measured the same way everywhere.
 
-Latency is the median of several repeats after warm-up (these machines are shared and noisy:
-compare ratios against a baseline measured in the same run, not absolute numbers across runs).
+Latency is the median of several repeats after warm-up, with its spread (the interquartile range
+and the extremes of the repeats): these machines are shared and noisy, so compare ratios against a
+baseline measured in the same run, with the repeats interleaved (:func:`compare_calls`), and read a
+difference that lies inside the spread as noise.
+
+FLOPs are counted by ``torch.utils.flop_counter`` with the CPU flash-attention kernels added (the
+counter knows only the CUDA ones, so without them the fused attention core counted as 0), forward
+and backward.
 
 Peak memory on CPU is the process's resident-set high-water mark during the call, minus the
 resident set before it: Linux resets the mark through ``/proc/self/clear_refs``, so the figure
@@ -24,21 +30,47 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "compare_calls", "count_flops", "peak_memory", "time_call"]
+__all__ = ["Timing", "compare_calls", "count_flops", "paired_ratio", "peak_memory", "time_call"]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: median and the spread of the repeats."""
+    """Seconds per call: median and the spread of the repeats (``samples`` keeps them in order)."""
 
     median: float
     low: float
     high: float
     repeats: int
+    samples: tuple[float, ...] = ()
 
     @property
     def ms(self) -> float:
         return self.median * 1e3
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        """(first, third) quartile of the repeats, in seconds (the extremes below four repeats)."""
+        if len(self.samples) < 4:
+            return self.low, self.high
+        first, _, third = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return first, third
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples), tuple(samples))
+
+
+def paired_ratio(ours: Timing, base: Timing) -> tuple[float, float, float]:
+    """Median, min and max of ``ours / base`` over interleaved repeats (round i against round i).
+
+    Both timings must come from one :func:`compare_calls` run: each round exposes both callables to
+    the same load, so the per-round ratio cancels the load that the absolute times carry. A range
+    that contains 1.0 means that the difference lies inside the noise of this run.
+    """
+    if not ours.samples or len(ours.samples) != len(base.samples):
+        raise ValueError("paired_ratio: expected two timings with the same number of samples")
+    ratios = [a / b for a, b in zip(ours.samples, base.samples)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -65,7 +97,7 @@ def time_call(
         fn()
         _sync(device)
         samples.append(time.perf_counter() - start)
-    return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+    return Timing.of(samples)
 
 
 def compare_calls(
@@ -80,6 +112,8 @@ def compare_calls(
     On a shared machine the load changes over seconds; interleaving exposes every contender to the
     same load, so their ratio is steadier than with one block of repeats after the other.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats: expected at least 1, got {repeats}")
     for fn in calls.values():
         for _ in range(warmup):
             fn()
@@ -91,7 +125,7 @@ def compare_calls(
             fn()
             _sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(s), min(s), max(s), repeats) for name, s in samples.items()}
+    return {name: Timing.of(s) for name, s in samples.items()}
 
 
 def _status_kb(field: str) -> int:
@@ -150,14 +184,43 @@ def peak_memory(fn: Callable[[], object], *, device: torch.device | str | None =
             libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's adaptive ceiling
 
 
+def _flash_cpu_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _flash_cpu_backward(  # type: ignore[no-untyped-def]
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _attention_formulas() -> dict[object, Callable[..., int]]:
+    """FLOP formulas of the CPU fused-attention kernels, which torch's counter does not know."""
+    aten = torch.ops.aten
+    formulas: dict[object, Callable[..., int]] = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _flash_cpu_forward),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _flash_cpu_backward),
+    ):
+        if hasattr(aten, name):
+            formulas[getattr(aten, name)] = formula
+    return formulas
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of ``fn()`` as counted by ``torch.utils.flop_counter``.
 
-    Counts matmuls, convolutions and attention kernels (a multiply-add is 2 FLOPs); elementwise
-    work is not counted, as in the papers' FLOP tables.
+    Counts matmuls, convolutions and the attention kernels, fused ones included, in the forward
+    and, when ``fn`` calls ``backward()``, the backward pass (a multiply-add is 2 FLOPs; the fused
+    attention forward is 4 N_q N_k d per head, its backward 2.5 times that: the scores are
+    recomputed). Elementwise work is not counted, as in the papers' FLOP tables.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as counter:
         fn()
     return int(counter.get_total_flops())

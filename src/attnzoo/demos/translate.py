@@ -10,18 +10,32 @@ figure 3. Under ``torchrun`` training is data-parallel with the single-process r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._progress import Progress
+from attnzoo.demos.alignment import alignment_error_rate, links_from_weights
 from attnzoo.demos.dates import BOS, EOS, PAD, DatePairs, date_pairs
 from attnzoo.demos.distributed import cleanup_distributed, init_distributed, prepare_model, train_epoch
+from attnzoo.demos.parallel import plan_workers, run_jobs
 
-__all__ = ["TranslateConfig", "TranslateResult", "run_translate", "write_translate_report"]
+__all__ = [
+    "PAPER_VARIANTS",
+    "TranslateConfig",
+    "TranslateResult",
+    "alignment_error",
+    "compare_variants",
+    "run_translate",
+    "variants_table",
+    "write_translate_report",
+]
 
 
 @dataclass
@@ -55,6 +69,9 @@ class TranslateResult:
     curve: list[float] = field(default_factory=list)  # exact match after each epoch
     losses: list[float] = field(default_factory=list)
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # source, target, prediction
+    #: alignment error rate of the maps against the gold alignment (forced decoding, test pairs)
+    aer: float | None = None
+    train_seconds: float = 0.0
 
 
 def build_model(config: TranslateConfig, pairs: DatePairs) -> nn.Module:
@@ -92,6 +109,29 @@ def evaluate(
     return exact, chars / sum(len(t) for t in targets), predictions
 
 
+@torch.no_grad()
+def alignment_error(model: nn.Module, pairs: DatePairs, batch_size: int = 256) -> float:
+    """AER of the model's attention against the gold alignment of the test pairs.
+
+    As Luong et al. (2015, section 5.4) measure it: the model is force-decoded on the reference
+    (teacher forcing), and each target character, ``</s>`` included, is linked to the source
+    position it attends to most (:func:`attnzoo.demos.alignment.links_from_weights`).
+    """
+    model.eval()
+    src, tgt_in, _ = _tensors(pairs, pairs.test_sources, pairs.test_targets)
+    device = next(model.parameters()).device
+    links = []
+    for start in range(0, len(src), batch_size):
+        batch_src, batch_in = src[start : start + batch_size].to(device), tgt_in[start : start + batch_size]
+        _, attn = model(batch_src, batch_src != PAD, batch_in.to(device))  # (b, T, S)
+        for i, row in enumerate(attn.float().cpu()):
+            index = start + i
+            target_len = len(pairs.test_targets[index]) + 1  # the characters and </s>
+            source_len = len(pairs.test_sources[index]) + 1
+            links.append(links_from_weights(row, target_len, source_len))
+    return alignment_error_rate(links, pairs.test_alignments)
+
+
 def run_translate(config: TranslateConfig) -> tuple[TranslateResult, nn.Module, DatePairs]:
     """Train and evaluate; returns the result, the trained model and the data."""
     if config.threads:
@@ -118,6 +158,7 @@ def run_translate(config: TranslateConfig) -> tuple[TranslateResult, nn.Module, 
 
         progress = Progress(config.epochs, enabled=config.progress and info.is_main)
         result = TranslateResult(0.0, 0.0)
+        started = time.perf_counter()
         for epoch in range(config.epochs):
             result.losses.append(
                 train_epoch(
@@ -131,7 +172,9 @@ def run_translate(config: TranslateConfig) -> tuple[TranslateResult, nn.Module, 
                 f"epoch {epoch + 1}/{config.epochs}: loss {result.losses[-1]:.3f}, exact match {exact:.3f}"
             )
         progress.close()
+        result.train_seconds = time.perf_counter() - started
         result.examples = list(zip(pairs.test_sources, pairs.test_targets, predictions))[: config.samples]
+        result.aer = alignment_error(core, pairs)
         return result, core.cpu(), pairs
     finally:
         cleanup_distributed(info)
@@ -157,6 +200,9 @@ def write_translate_report(
         "",
         f"- exact match: **{100 * result.exact_match:.1f}%**",
         f"- character accuracy: {100 * result.char_accuracy:.1f}%",
+        f"- alignment error rate (AER) against the gold alignment: {_percent(result.aer)} (forced "
+        "decoding of the test pairs; each output character linked to the source character it attends "
+        "to most; Och and Ney's definition, as in Luong et al. 2015, Table 6)",
         "",
         "| source | target | prediction |",
         "|---|---|---|",
@@ -183,3 +229,64 @@ def write_translate_report(
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+#: The attention variants of the paper-style table: (label, attention, score, local mode).
+PAPER_VARIANTS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("bahdanau", "bahdanau", None, "local-p"),
+    ("global (dot)", "luong", "dot", "local-p"),
+    ("global (general)", "luong", "general", "local-p"),
+    ("global (concat)", "luong", "concat", "local-p"),
+    ("global (location)", "luong", "location", "local-p"),
+    ("local-m (general)", "luong_local", "general", "local-m"),
+    ("local-p (general)", "luong_local", "general", "local-p"),
+)
+
+
+def _variant_run(
+    label: str, attention: str, score: str | None, local_mode: str, shared: TranslateConfig, progress: Any
+) -> tuple[str, TranslateResult]:
+    """Train one variant; module-level so that worker processes can run it."""
+    config = replace(
+        shared, attention=attention, score=score, local_mode=local_mode, progress=False, threads=None
+    )
+    result, _, _ = run_translate(config)
+    progress.update(f"{label}: exact match {100 * result.exact_match:.1f}%, AER {_percent(result.aer)}")
+    return label, result
+
+
+def compare_variants(
+    config: TranslateConfig,
+    variants: Sequence[tuple[str, str, str | None, str]] = PAPER_VARIANTS,
+    *,
+    workers: int | None = None,
+) -> list[tuple[str, TranslateResult]]:
+    """Train every attention variant with the same data and settings, side by side in workers."""
+    jobs = list(variants)
+    threads = config.threads or torch.get_num_threads()
+    count, per_worker = plan_workers(len(jobs), threads, workers)
+    progress = Progress(len(jobs), enabled=config.progress)
+    try:
+        return run_jobs(
+            _variant_run, jobs, shared=config, workers=count, threads=per_worker, progress=progress
+        )
+    finally:
+        progress.close()
+
+
+def variants_table(rows: Sequence[tuple[str, TranslateResult]]) -> str:
+    """The paper-style table (Luong et al. 2015, Table 6): accuracy, AER and training time."""
+    lines = [
+        "| attention | exact match | character accuracy | AER | training time |",
+        "|---|---|---|---|---|",
+    ]
+    for label, result in rows:
+        lines.append(
+            f"| {label} | {100 * result.exact_match:.1f}% | {100 * result.char_accuracy:.1f}% | "
+            f"{_percent(result.aer)} | {result.train_seconds:.0f} s |"
+        )
+    return "\n".join(lines)
