@@ -6,6 +6,7 @@ from __future__ import annotations
 # binding the function here, after the submodule is loaded, keeps attnzoo.models.resnet callable.
 from attnzoo.models.captioner import ShowAttendTellCaptioner
 from attnzoo.models.resnet import ResNet, resnet
+from attnzoo.models.san import SAN, san
 from attnzoo.models.seq2seq import Seq2Seq
 
-__all__ = ["ResNet", "Seq2Seq", "ShowAttendTellCaptioner", "resnet"]
+__all__ = ["SAN", "ResNet", "Seq2Seq", "ShowAttendTellCaptioner", "resnet", "san"]
