@@ -1,0 +1,165 @@
+"""psa: point-wise spatial attention in float64 with loops over positions (collect and distribute,
+full and partial mask windows, the official logit-0 behaviour), the re-indexing against the
+psa_mask semantics, and memory: nothing quadratic beyond the predicted map and its re-indexing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo.functional.global_reasoning import point_wise_logits
+from attnzoo.testing import OpRecorder, randomize_
+from attnzoo.vision.psa import PointwiseSpatialAttention
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def cbr(block, x):
+    conv, bn = block[0], block[1]
+    y = F.conv2d(x, conv.weight, padding=conv.padding)
+    y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    return torch.relu(y * bn.weight[:, None, None] + bn.bias[:, None, None])
+
+
+def branch_reference(branch, x, mask_size, direction, official):
+    """Each position i predicts a_i (mask window centred on i). Collect: z_i = sum_j softmax_j(a_i[j-i]) x_j;
+    distribute: z_j = sum_i softmax_i(a_i[j-i]) x_i. Out-of-window pairs: excluded (paper) or logit 0."""
+    reduced = cbr(branch.reduce, x)
+    predicted = F.conv2d(cbr(branch.predict[0], reduced), branch.predict[1].weight)
+    b, c, h, w = reduced.shape
+    mh, mw = mask_size
+    hh, hw = (mh - 1) // 2, (mw - 1) // 2
+    n = h * w
+    score = torch.full((b, n, n), float("nan"))  # score[:, i, j]: what i predicted for j
+    for i in range(n):
+        ih, iw = divmod(i, w)
+        for j in range(n):
+            jh, jw = divmod(j, w)
+            a, bb = jh - ih + hh, jw - iw + hw
+            if 0 <= a < mh and 0 <= bb < mw:
+                score[:, i, j] = predicted[:, a * mw + bb, ih, iw]
+            elif official:
+                score[:, i, j] = 0.0
+    z = torch.zeros(b, c, n)
+    weights = torch.zeros(b, n, n)
+    flat = reduced.reshape(b, c, n)
+    for target in range(n):
+        row = score[:, target, :] if direction == "collect" else score[:, :, target]
+        keep = ~row.isnan()
+        e = torch.where(
+            keep, torch.exp(row.nan_to_num(0.0) - row.nan_to_num(-1e300).amax(-1, keepdim=True)), 0.0
+        )
+        wts = e / e.sum(-1, keepdim=True)
+        weights[:, target] = wts
+        z[:, :, target] = torch.einsum("bk,bck->bc", wts, flat)
+    return z.view(b, c, h, w), weights
+
+
+def psa_reference(m, x, official=False):
+    contexts, maps = [], {}
+    for name, branch in m.paths.items():
+        z, maps[name] = branch_reference(branch, x, m.mask_size, name, official)
+        contexts.append(z)
+    projected = cbr(m.proj, torch.cat(contexts, dim=1))
+    return cbr(m.fuse, torch.cat([x, projected], dim=1)), maps
+
+
+@pytest.mark.parametrize(
+    ("mask_size", "variant"), [((7, 9), "paper"), ((3, 5), "paper"), ((3, 5), "official"), ((4, 6), "paper")]
+)
+def test_matches_paper(mask_size, variant):
+    torch.manual_seed(0)
+    module = randomize_(
+        PointwiseSpatialAttention(8, mask_size=mask_size, variant=variant), norm_statistics=True
+    )
+    module.eval()
+    x = torch.randn(2, 8, 4, 5)
+    expected, maps = psa_reference(module, x, official=variant == "official")
+    out, got = module(x, return_attn=True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(module(x), expected, rtol=1e-9, atol=1e-9)  # the fused path
+    for name in ("collect", "distribute"):
+        torch.testing.assert_close(got[name], maps[name], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[name].sum(-1), torch.ones(2, 20))
+
+
+def test_reindexing_matches_the_psa_mask_op_semantics():
+    # the op writes buffer[key, query] (collect) / buffer[query, key] (distribute) from the
+    # predicting position's window; here rows are the position whose context is formed
+    torch.manual_seed(1)
+    predicted = torch.randn(1, 3 * 5, 3, 4)
+    for distribute in (False, True):
+        got = point_wise_logits(predicted, (3, 5), distribute=distribute, fill=0.0)
+        buffer = torch.zeros(1, 12, 12)
+        for h in range(3):
+            for w in range(4):
+                for a in range(3):
+                    for b in range(5):
+                        th, tw = h + a - 1, w + b - 2
+                        if 0 <= th < 3 and 0 <= tw < 4:
+                            p, t = h * 4 + w, th * 4 + tw
+                            if distribute:
+                                buffer[0, p, t] = predicted[0, a * 5 + b, h, w]  # softmax over p
+                            else:
+                                buffer[0, t, p] = predicted[0, a * 5 + b, h, w]  # softmax over t
+        # the op normalises over dim 1 and aggregates columns: our rows are its columns
+        torch.testing.assert_close(got, buffer.transpose(1, 2))
+
+
+def test_official_logit_zero_differs_only_for_partial_windows():
+    torch.manual_seed(2)
+    x = torch.randn(1, 8, 4, 4)
+    for mask_size, same in (((7, 7), True), ((3, 3), False)):
+        paper = randomize_(PointwiseSpatialAttention(8, mask_size=mask_size), norm_statistics=True).eval()
+        official = PointwiseSpatialAttention(8, mask_size=mask_size, variant="official").eval()
+        official.load_state_dict(paper.state_dict())
+        _, maps_p = paper(x, return_attn=True)
+        _, maps_o = official(x, return_attn=True)
+        assert torch.allclose(maps_p["collect"], maps_o["collect"]) == same
+        if not same:
+            far = maps_o["collect"][0, 0, 15]  # (0, 0) -> (3, 3): outside the 3 x 3 window
+            assert maps_p["collect"][0, 0, 15] == 0 and far > 0
+
+
+def test_shrink_factor_resamples_like_the_official_code():
+    torch.manual_seed(3)
+    module = randomize_(
+        PointwiseSpatialAttention(8, mask_size=5, shrink_factor=2), norm_statistics=True
+    ).eval()
+    x = torch.randn(1, 8, 5, 5)
+    out, maps = module(x, return_attn=True)
+    assert out.shape == x.shape and maps["collect"].shape == (1, 9, 9)  # (5 - 1) // 2 + 1 = 3
+
+
+def test_memory_nothing_quadratic_beyond_the_predicted_map():
+    module = PointwiseSpatialAttention(16, mask_size=(31, 31)).float().eval()
+    x = torch.randn(1, 16, 16, 16, dtype=torch.float32)
+    n = 16 * 16
+    predicted = 31 * 31 * n
+    with torch.no_grad(), OpRecorder() as rec:
+        module(x)
+    assert rec.largest_storage == predicted  # the over-complete map is the largest buffer
+    views = ("view", "unsqueeze", "masked_fill_", "expand", "reshape")
+    allocating = {
+        name.split(".")[1]
+        for name, sizes in rec.sizes
+        if any(s >= n * n for s in sizes) and not any(v in name for v in views)
+    }
+    # the predicted maps, their gather (re-indexed in place) and attend's bool check of masked keys:
+    # no (N, N) index tensor, no softmaxed copy, no (N, N) product (the fused kernel ran)
+    assert allocating == {"convolution", "index", "isneginf"}, allocating
+    assert rec.ran("_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_registered_and_errors():
+    spec = attnzoo.get_spec("psa")
+    assert spec.family == "non_local" and spec.placement == "head" and spec.map_kind == "mixed"
+    assert not spec.linear_memory
+    with pytest.raises(ValueError, match="mask_size"):
+        PointwiseSpatialAttention(8, mask_size=(0, 3))
+    with pytest.raises(ValueError, match="branches"):
+        PointwiseSpatialAttention(8, branches="both_ways")
+    single = PointwiseSpatialAttention(8, mask_size=5, branches="collect")
+    assert set(single.paths) == {"collect"} and single(torch.randn(1, 8, 3, 3)).shape == (1, 8, 3, 3)
