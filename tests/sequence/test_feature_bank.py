@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.sequence.feature_bank import FeatureBankOperator
+from attnzoo.testing import OpRecorder, randomize_
 
 F64 = torch.float64
 

@@ -303,7 +303,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="variant"):
         LuongLocalAttention(6, variant="tf")
     for module in (LuongAttention(6), LuongLocalAttention(6)):
-        with pytest.raises(ValueError, match="source"):
+        with pytest.raises(ValueError, match="key: expected D=6"):
             module(torch.randn(2, 3, 6), torch.randn(2, 7, 5))
         with pytest.raises(ValueError, match="expected B=2"):
             module(torch.randn(2, 3, 6), torch.randn(1, 7, 6))

@@ -208,7 +208,7 @@ def test_registered_defaults():
 
 def test_bad_inputs():
     module = ShowAttendTellAttention(4, 3)
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(ValueError, match="key: expected D=3"):
         module(torch.randn(2, 3, 4), torch.randn(2, 5, 6))
     with pytest.raises(ValueError, match="expected B=2"):
         module(torch.randn(2, 3, 4), torch.randn(1, 5, 3))

@@ -127,7 +127,7 @@ def test_official_variant_multiplies_and_normalises_hidden_layers():
     official = BAM(32, variant="official", dtype=F64).eval()
     randomise_norms(official, seed=5)
     assert official.fusion == "product"
-    assert isinstance(official.channel_norm1, torch.nn.BatchNorm1d)
+    assert isinstance(official.channel_norm1, torch.nn.BatchNorm2d)  # on (B, C', 1, 1)
     assert isinstance(official.channel_norm, torch.nn.Identity)
     assert official.channel_fc2.bias is not None and official.spatial[-2].bias is not None
     x = torch.randn(2, 32, 9, 9, dtype=F64)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.vision.co_attention import CoAttention
 from attnzoo.testing import randomize_
+from attnzoo.vision.co_attention import CoAttention
 
 B, C, HA, WA, HB, WB = 2, 6, 3, 4, 5, 2
 
@@ -88,7 +88,7 @@ def reference(module: CoAttention, x: torch.Tensor, y: torch.Tensor):
 
 def test_registered_by_catalog_name():
     spec = attnzoo.get_spec("co_attention")
-    assert spec.cls is CoAttention and spec.family == "sequence" and spec.paper.venue == "CVPR 2019"
+    assert spec.cls is CoAttention and spec.family == "non_local" and spec.paper.venue == "CVPR 2019"
     module = CoAttention(8)
     assert module.form == "vanilla" and module.weight.bias is None  # W: a Linear without bias
     assert module.gate.bias is not None  # the paper's gate has b_f

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.vision.cross_attention_module import CrossAttentionModule
 from attnzoo.testing import randomize_
+from attnzoo.vision.cross_attention_module import CrossAttentionModule
 
 B, C = 2, 5
 

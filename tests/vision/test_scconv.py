@@ -117,7 +117,7 @@ CASES = [
     (32, 2, {}, (9, 13)),
     (48, 1, {"groups": 4}, (10, 7)),
     (32, 1, {"pooling_r": 2}, (7, 7)),
-    (32, 1, {"norm": False}, (8, 8)),  # the bare equations, conv biases
+    (32, 1, {"norm_layer": None}, (8, 8)),  # the bare equations, conv biases
     (32, 1, {}, (3, 6)),  # a side shorter than r
     (32, 1, {"variant": "official"}, (11, 11)),
     (32, 2, {"variant": "official", "groups": 2}, (9, 8)),
@@ -181,7 +181,7 @@ def test_gate_is_a_sigmoid_of_input_plus_reference() -> None:
 def test_pooling_ratio_default_is_4() -> None:
     params = inspect.signature(SelfCalibratedConv).parameters
     assert params["pooling_r"].default == 4 and params["variant"].default == "paper"
-    assert params["groups"].default == 1 and params["norm"].default is True
+    assert params["groups"].default == 1 and params["norm_layer"].default is nn.BatchNorm2d
     module = randomize(SelfCalibratedConv(32, dtype=torch.float64)).eval()
     x = torch.randn(2, 32, 8, 8, dtype=torch.float64)
     other = SelfCalibratedConv(32, pooling_r=2, dtype=torch.float64).eval()

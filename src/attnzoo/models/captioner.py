@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_positive
+from attnzoo.functional.softmax import compute_dtype
 from attnzoo.sequence.show_attend_tell import (
     FEATURE_LAYOUTS,
     MovingAverageBaseline,
@@ -101,9 +102,7 @@ class ShowAttendTellCaptioner(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("feature_dim", feature_dim), ("hidden", hidden)):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive size, got {value}")
+        check_positive(vocab_size=vocab_size, feature_dim=feature_dim, hidden=hidden)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
@@ -201,8 +200,8 @@ class ShowAttendTellCaptioner(nn.Module):
             if self.padding_idx is not None
             else torch.ones_like(captions_out, dtype=torch.bool)
         )
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # a half-precision log-softmax loses the small probabilities
+        # a half-precision log-softmax loses the small probabilities
+        logits = logits.to(compute_dtype(logits.dtype))
         # (B, T, K) -> (B, K, T) for cross_entropy; per word, then summed over each caption
         nll = F.cross_entropy(logits.transpose(1, 2), captions_out, reduction="none") * mask
         log_likelihood = -nll.sum(dim=1)  # (B,)
@@ -238,8 +237,7 @@ class ShowAttendTellCaptioner(nn.Module):
 
         After its ``eos`` a caption is padded with ``eos`` and zero attention.
         """
-        if max_len < 1:
-            raise ValueError(f"max_len: expected at least 1, got {max_len}")
+        check_positive(max_len=max_len)
         annotations = self._annotations(features)
         batch = annotations.shape[0]
         state = self.initial_state(annotations)

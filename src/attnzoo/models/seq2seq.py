@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from attnzoo._checks import check_mask
+from attnzoo._checks import check_mask, check_positive
 from attnzoo.sequence.bahdanau import BahdanauAttention
 from attnzoo.sequence.luong import LOCAL_MODES, LuongAttention, LuongLocalAttention
 
@@ -144,11 +144,7 @@ class Seq2Seq(nn.Module):
                 "score: 'dot' compares h_t (n wide) with the 2n-wide annotations of a bidirectional "
                 "encoder; use score='general' or 'concat', or bidirectional=False"
             )
-        for name, value in (("src_vocab", src_vocab), ("tgt_vocab", tgt_vocab), ("hidden", hidden)):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive size, got {value}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers: expected at least 1, got {num_layers}")
+        check_positive(src_vocab=src_vocab, tgt_vocab=tgt_vocab, hidden=hidden, num_layers=num_layers)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
@@ -381,8 +377,7 @@ class Seq2Seq(nn.Module):
             ``(tokens, attn)``: (B, L) int64 without the BOS, L <= max_len, and (B, L, S).
         """
         src = _check_tokens(src, "src")
-        if max_len < 1:
-            raise ValueError(f"max_len: expected at least 1, got {max_len}")
+        check_positive(max_len=max_len)
         batch = src.shape[0]
         annotations, state = self.encode(src, src_mask)
         token = torch.full((batch,), bos, dtype=torch.long, device=src.device)

@@ -12,9 +12,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import SCORES, Score, and_masks, attend, key_padding_to_mask
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo._checks import check_input, check_mask, parameter_dtype
+from attnzoo.functional.attend import SCORES, Score, and_masks, attend_with_weights, key_padding_to_mask
+from attnzoo.registry import (
+    Paper,
+    Sample,
+    Sizes,
+    attn_mask_sample,
+    causal,
+    example_sequence,
+    key_mask_sample,
+    register,
+)
 
 __all__ = ["Attention"]
 
@@ -26,6 +35,8 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "attention",
+    map_kind="pairwise",
+    linear_memory=True,
     family="sequence",
     paper=Paper("Effective Approaches to Attention-based Neural Machine Translation", "1508.04025"),
     equation="out_i = sum_j softmax_j(score(q_i, k_j) * scale) v_j, score in "
@@ -36,6 +47,31 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     channel_dim=-1,
     cost="time O(N_q N_k D); memory O((N_q + N_k) D) on the fused path (dot, scaled_dot, cosine, "
     "general), O(N_q N_k A) for additive/concat",
+    samples=(
+        key_mask_sample(key_input=1, self_attention=False, thorough=True),
+        attn_mask_sample(key_input=1),
+        Sample(
+            "causal",
+            forward_kwargs=causal,
+            description="causal, queries aligned with the keys' end",
+            skips={"linear_memory": "N_q != N_k: a bottom-right causal mask is formed (SDPA: top-left)"},
+        ),
+        *(Sample(f"score={score}", {"score": score}) for score in ("dot", "cosine", "general")),
+        *(
+            Sample(
+                f"score={score}",
+                {"score": score, "attn_dim": 16},
+                skips={"linear_memory": "an MLP score needs every (query, key) pair"},
+            )
+            for score in ("additive", "concat")
+        ),
+        Sample(
+            "single_step",
+            inputs=lambda s: (example_sequence(s)[:, 0], example_sequence(s, length=s.extent + 3, seed=1)),
+            description="one (B, D) decoder query",
+            skips={"bad_input": "a (B, D) query has no sequence dim to empty or drop"},
+        ),
+    ),
 )
 class Attention(nn.Module):
     """Soft addressing of values by keys, with the score of your choice and no projections.
@@ -56,8 +92,8 @@ class Attention(nn.Module):
 
     Shape:
         - query: (B, N_q, D_q), or (B, D_q) for one decoder step (the output then drops N_q).
-        - keys: (B, N_k, D_k); values: (B, N_k, D_v), default the keys.
-        - mask: bool (True = may attend) or additive, broadcastable to (B, N_q, N_k);
+        - key: (B, N_k, D_k); value: (B, N_k, D_v), default the key.
+        - attn_mask: bool (True = may attend) or additive, broadcastable to (B, N_q, N_k);
           key_mask: (B, N_k) bool, True at real (not padded) keys.
         - output: (B, N_q, D_v); attention (with ``return_attn``): (B, N_q, N_k).
     """
@@ -120,29 +156,37 @@ class Attention(nn.Module):
     def forward(
         self,
         query: Tensor,
-        keys: Tensor,
-        values: Tensor | None = None,
+        key: Tensor,
+        value: Tensor | None = None,
         *,
-        mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         causal: bool = False,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(query, "query", ("B D", "B N D"), D=self.query_dim)
-        check_input(keys, "keys", "B N D", B=query.shape[0], D=self.key_dim)
-        values = keys if values is None else values
-        check_input(values, "values", "B N D", B=query.shape[0], N=keys.shape[1])
+        check_input(query, "query", ("B D", "B N D"), D=self.query_dim, dtype=parameter_dtype(self))
+        check_input(
+            key, "key", "B N D", B=query.shape[0], D=self.key_dim, dtype=query.dtype, dtype_source="query"
+        )
+        value = key if value is None else value
+        check_input(
+            value, "value", "B N D", B=query.shape[0], N=key.shape[1], dtype=key.dtype, dtype_source="key"
+        )
         single_step = query.dim() == 2
         if single_step:
             query = query.unsqueeze(1)  # (B, D_q) -> (B, 1, D_q)
+        if attn_mask is not None:
+            target = (key.shape[0], query.shape[-2], key.shape[1])  # (B, N_q, N_k)
+            check_mask(attn_mask, "attn_mask", target, device=key.device)
         if key_mask is not None:
-            mask = and_masks(mask, key_padding_to_mask(key_mask, keys.shape[0], keys.shape[1]))
-        result = attend(
+            padding = key_padding_to_mask(key_mask, key.shape[0], key.shape[1], device=key.device)
+            attn_mask = and_masks(attn_mask, padding)
+        out, weights = attend_with_weights(
             query,
-            keys,
-            values,
+            key,
+            value,
             score=self.score,
-            mask=mask,
+            mask=attn_mask,
             causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
@@ -153,10 +197,8 @@ class Attention(nn.Module):
             v_a=self.v_a,
             b_a=self.b_a,
         )
-        if not return_attn:
-            assert isinstance(result, Tensor)
-            return result.squeeze(1) if single_step else result
-        out, weights = result
+        if weights is None:
+            return out.squeeze(1) if single_step else out
         if single_step:
             return out.squeeze(1), weights.squeeze(1)
         return out, weights

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import attend, key_padding_to_mask
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights, key_padding_to_mask
+from attnzoo.registry import Paper, Sample, Sizes, example_sequence, key_mask_sample, register
 
 __all__ = ["BahdanauAttention"]
 
@@ -30,6 +30,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "bahdanau",
+    map_kind="alignment",
     family="sequence",
     paper=Paper("Neural Machine Translation by Jointly Learning to Align and Translate", "1409.0473"),
     equation="e_ij = v_a^T tanh(W_a s_{i-1} + U_a h_j), alpha_ij = softmax_j(e_ij), "
@@ -43,6 +44,11 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     notes="Initialisation follows the paper's appendix B.1: W_a, U_a ~ N(0, 0.001^2), v_a = 0 "
     "(attention starts uniform); init='xavier' for a generic one. Ships with "
     "attnzoo.models.seq2seq.Seq2Seq(attention='bahdanau').",
+    samples=(
+        key_mask_sample(key_input=1, self_attention=False),
+        Sample("init=xavier", {"init": "xavier"}, description="Xavier initialisation"),
+        Sample("bias=True", {"bias": True}, description="a bias in the alignment MLP"),
+    ),
 )
 class BahdanauAttention(nn.Module):
     """Additive attention: ``c_i = sum_j alpha_ij h_j``, ``alpha_ij = softmax_j(e_ij)``.
@@ -64,7 +70,7 @@ class BahdanauAttention(nn.Module):
     Shape:
         - query: (B, N, D_q), the previous decoder states s_{i-1} of N steps, or (B, D_q) for
           one decoder step (the output then drops N).
-        - keys: (B, S, D_k), the annotations h_j; values: (B, S, D_v), default the keys.
+        - key: (B, S, D_k), the annotations h_j; value: (B, S, D_v), default the key.
         - key_mask: (B, S) bool, True at real (not padded) source positions.
         - output: the context c_i, (B, N, D_v); attention (``return_attn``): (B, N, S).
     """
@@ -83,9 +89,7 @@ class BahdanauAttention(nn.Module):
         super().__init__()
         key_dim = key_dim or query_dim
         attn_dim = attn_dim or query_dim
-        for name, value in (("query_dim", query_dim), ("key_dim", key_dim), ("attn_dim", attn_dim)):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive width, got {value}")
+        check_positive(query_dim=query_dim, key_dim=key_dim, attn_dim=attn_dim)
         if init not in ("paper", "xavier"):
             raise ValueError(f"init: expected 'paper' or 'xavier', got {init!r}")
         self.query_dim, self.key_dim, self.attn_dim, self.init = query_dim, key_dim, attn_dim, init
@@ -115,26 +119,36 @@ class BahdanauAttention(nn.Module):
     def forward(
         self,
         query: Tensor,
-        keys: Tensor,
-        values: Tensor | None = None,
+        key: Tensor,
+        value: Tensor | None = None,
         *,
         key_mask: Tensor | None = None,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(query, "query", ("B D", "B N D"), D=self.query_dim)
-        check_input(keys, "keys", "B S D", B=query.shape[0], D=self.key_dim)
-        values = keys if values is None else values
-        check_input(values, "values", "B S D", B=query.shape[0], S=keys.shape[1])
+        check_input(query, "query", ("B D", "B N D"), D=self.query_dim, dtype=parameter_dtype(self))
+        check_input(
+            key, "key", "B S D", B=query.shape[0], D=self.key_dim, dtype=query.dtype, dtype_source="query"
+        )
+        value = key if value is None else value
+        check_input(
+            value,
+            "value",
+            "B S D",
+            B=query.shape[0],
+            S=key.shape[1],
+            dtype=key.dtype,
+            dtype_source="key",
+        )
         single_step = query.dim() == 2
         if single_step:
             query = query.unsqueeze(1)  # (B, D_q) -> (B, 1, D_q)
         mask = None
         if key_mask is not None:
-            mask = key_padding_to_mask(key_mask, keys.shape[0], keys.shape[1])  # (B, 1, S)
-        result = attend(
+            mask = key_padding_to_mask(key_mask, key.shape[0], key.shape[1], device=key.device)  # (B, 1, S)
+        out, weights = attend_with_weights(
             query,
-            keys,
-            values,
+            key,
+            value,
             score="additive",
             mask=mask,
             return_weights=return_attn,
@@ -143,7 +157,6 @@ class BahdanauAttention(nn.Module):
             v_a=self.v_a,
             b_a=self.b_a,
         )
-        out, weights = result if isinstance(result, tuple) else (result, None)
         if single_step:
             out = out.squeeze(1)  # (B, 1, D_v) -> (B, D_v)
             weights = weights.squeeze(1) if weights is not None else None

@@ -13,13 +13,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask
+from attnzoo._checks import check_input, check_mask, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo.registry import Paper, Sample, Sizes, example_sequence, key_mask_sample, register
 
 __all__ = ["BilinearAttention", "joint_softmax"]
-
-VARIANTS = ("paper", "official")
 
 
 def joint_softmax(logits: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -35,23 +34,16 @@ def joint_softmax(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """
     shape = logits.shape
     flat = logits.flatten(-2)  # (..., N_x, N_y) -> (..., N_x N_y)
-    compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else None
-    if valid is None:
-        return torch.softmax(flat, dim=-1, dtype=compute_dtype).view(shape)
-    valid = valid.expand(shape).flatten(-2)  # (..., N_x N_y)
-    flat = flat.masked_fill(~valid, float("-inf"))
-    # an all-masked map would be softmax(-inf, ...) = NaN, and NaN leaks into the gradients even
-    # through a later where: make it finite before the softmax, zero after
-    empty = ~valid.any(dim=-1, keepdim=True)  # (..., 1)
-    weights = torch.softmax(flat.masked_fill(empty, 0.0), dim=-1, dtype=compute_dtype)
-    return weights.masked_fill(empty, 0.0).view(shape)
+    if valid is not None:
+        valid = valid.expand(shape).flatten(-2)  # (..., N_x N_y)
+    return masked_softmax(flat, valid).view(shape)
 
 
 def _item_mask(mask: Tensor | None, name: str, batch: int, length: int, device: torch.device) -> Tensor:
     """A (B, N) bool mask, True at real items; all True when None."""
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
-    check_mask(mask, name, (batch, length))
+    check_mask(mask, name, (batch, length), device=device)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name}: expected a bool mask (True = real item), got {mask.dtype}")
     return mask.expand(batch, length)
@@ -64,11 +56,12 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "bilinear_attention",
+    map_kind="pairwise",
     family="sequence",
     paper=Paper("Bilinear Attention Networks", "1805.07932"),
     equation="A_g = softmax_{i,j}(p_g^T SumPool_k(relu(U^T x_i) o relu(V^T y_j))); "
     "f_{g+1} = f_g + P_g^T f'_g 1^T, f'_g,c = sum_ij A_g,ij relu(f_g U'_g)_ic relu(Y V'_g)_jc, f_0 = X",
-    make_kwargs=lambda s: {"x_dim": s.width, "y_dim": s.width + 8},
+    make_kwargs=lambda s: {"query_dim": s.width, "key_dim": s.width + 8},
     make_inputs=_example_inputs,
     supports_mask=True,
     channel_dim=-1,
@@ -76,6 +69,11 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     "which the joint softmax needs whole)",
     notes="variant='official': the glimpse vectors p_g act on the K k unpooled units (the official "
     "h_mat); the official per-glimpse logit bias is a no-op under the joint softmax and is omitted",
+    samples=(
+        key_mask_sample(key_input=1, self_attention=False),
+        Sample("variant=official", {"variant": "official"}),
+        Sample("glimpses=1", {"glimpses": 1}, description="one bilinear attention map"),
+    ),
 )
 class BilinearAttention(nn.Module):
     """Bilinear attention between two sets with multiple glimpses and residual updates.
@@ -97,8 +95,8 @@ class BilinearAttention(nn.Module):
     come from X (f_0), as in the paper (eq. 9) and the official code.
 
     Args:
-        x_dim: D_x, the width of X (the output width).
-        y_dim: D_y, the width of Y (default D_x).
+        query_dim: D_x, the width of X (the output width).
+        key_dim: D_y, the width of Y (default D_x).
         hidden_dim: K, the joint width (default D_x; the paper uses 1024 to 1280).
         glimpses: G, number of attention maps (paper: 8).
         rank: k of the attention logits' low-rank bilinear pooling (paper: 3).
@@ -109,18 +107,18 @@ class BilinearAttention(nn.Module):
         act_layer: the nonlinearity sigma on the projections (paper: ReLU).
 
     Shape:
-        - x: (B, N_x, D_x); y: (B, N_y, D_y).
-        - x_mask: (B, N_x), y_mask: (B, N_y) bool, True at real (not padded) items. To mimic the
-          official code, which masks objects whose features are all zero, pass
-          ``y_mask=y.abs().sum(-1) != 0``. A sample with no valid pair gets zero maps.
+        - query: X, (B, N_x, D_x), the set that is updated; key: Y, (B, N_y, D_y).
+        - query_mask: (B, N_x), key_mask: (B, N_y) bool, True at real (not padded) items. To mimic
+          the official code, which masks objects whose features are all zero, pass
+          ``key_mask=key.abs().sum(-1) != 0``. A sample with no valid pair gets zero maps.
         - output: (B, N_x, D_x); attention (``return_attn``): (B, G, N_x, N_y), each map summing to
           one over all its entries.
     """
 
     def __init__(
         self,
-        x_dim: int,
-        y_dim: int | None = None,
+        query_dim: int,
+        key_dim: int | None = None,
         hidden_dim: int | None = None,
         glimpses: int = 8,
         rank: int = 3,
@@ -133,33 +131,24 @@ class BilinearAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        y_dim = y_dim or x_dim
-        hidden_dim = hidden_dim or x_dim
-        for name, value in (
-            ("x_dim", x_dim),
-            ("y_dim", y_dim),
-            ("hidden_dim", hidden_dim),
-            ("glimpses", glimpses),
-            ("rank", rank),
-            ("joint_rank", joint_rank),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive size, got {value}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-        self.x_dim, self.y_dim, self.hidden_dim = x_dim, y_dim, hidden_dim
+        key_dim = key_dim or query_dim
+        hidden_dim = hidden_dim or query_dim
+        check_positive(query_dim=query_dim, key_dim=key_dim, hidden_dim=hidden_dim)
+        check_positive(glimpses=glimpses, rank=rank, joint_rank=joint_rank)
+        check_variant(variant)
+        self.query_dim, self.key_dim, self.hidden_dim = query_dim, key_dim, hidden_dim
         self.glimpses, self.rank, self.joint_rank, self.variant = glimpses, rank, joint_rank, variant
         factory = {"device": device, "dtype": dtype}
-        self.att_x = nn.Linear(x_dim, hidden_dim * rank, bias=bias, **factory)  # U
-        self.att_y = nn.Linear(y_dim, hidden_dim * rank, bias=bias, **factory)  # V
+        self.att_x = nn.Linear(query_dim, hidden_dim * rank, bias=bias, **factory)  # U
+        self.att_y = nn.Linear(key_dim, hidden_dim * rank, bias=bias, **factory)  # V
         glimpse_width = hidden_dim * rank if variant == "official" else hidden_dim
         self.glimpse_vectors = nn.Parameter(torch.empty(glimpses, glimpse_width, **factory))  # p_g
         joint_width = hidden_dim * joint_rank
         self.joint_x = nn.ModuleList(  # U'_g, applied to the updated f_g
-            nn.Linear(x_dim, joint_width, bias=bias, **factory) for _ in range(glimpses)
+            nn.Linear(query_dim, joint_width, bias=bias, **factory) for _ in range(glimpses)
         )
-        self.joint_y = nn.Linear(y_dim, glimpses * joint_width, bias=bias, **factory)  # V'_g, stacked
-        self.proj = nn.ModuleList(nn.Linear(hidden_dim, x_dim, **factory) for _ in range(glimpses))  # P_g
+        self.joint_y = nn.Linear(key_dim, glimpses * joint_width, bias=bias, **factory)  # V'_g, stacked
+        self.proj = nn.ModuleList(nn.Linear(hidden_dim, query_dim, **factory) for _ in range(glimpses))  # P_g
         self.act = create_layer(act_layer, argument="act_layer")
         self.reset_parameters()
 
@@ -169,19 +158,22 @@ class BilinearAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"x_dim={self.x_dim}, y_dim={self.y_dim}, hidden_dim={self.hidden_dim}, "
+            f"query_dim={self.query_dim}, key_dim={self.key_dim}, hidden_dim={self.hidden_dim}, "
             f"glimpses={self.glimpses}, rank={self.rank}, joint_rank={self.joint_rank}, "
             f"variant={self.variant!r}"
         )
 
     def attention_maps(
-        self, x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None
+        self, query: Tensor, key: Tensor, query_mask: Tensor | None = None, key_mask: Tensor | None = None
     ) -> Tensor:
         """The G bilinear attention maps (B, G, N_x, N_y), float32 for half-precision inputs."""
-        batch, n_x, n_y = x.shape[0], x.shape[1], y.shape[1]
-        left = self.act(self.att_x(x))  # (B, N_x, K k)
-        right = self.act(self.att_y(y))  # (B, N_y, K k)
+        batch, n_x, n_y = query.shape[0], query.shape[1], key.shape[1]
+        left = self.act(self.att_x(query))  # (B, N_x, K k)
+        right = self.act(self.att_y(key))  # (B, N_y, K k)
         glimpse = self.glimpse_vectors
+        if left.dtype in (torch.float16, torch.bfloat16):
+            # half-precision logits overflow (float16 ends at 65504): form them in float32
+            left, right, glimpse = left.float(), right.float(), glimpse.float()
         if self.variant == "paper":
             # p^T SumPool_k(a o b) = (p repeated k times)^T (a o b): the pooling groups are the
             # k consecutive units, as in the paper's sum pooling with stride k
@@ -189,31 +181,40 @@ class BilinearAttention(nn.Module):
         # (B, 1, N_x, K k) * (1, G, 1, K k) -> (B, G, N_x, K k), @ (B, 1, K k, N_y) -> (B, G, N_x, N_y)
         logits = (left.unsqueeze(1) * glimpse[None, :, None, :]) @ right.unsqueeze(1).transpose(-2, -1)
         valid = None
-        if x_mask is not None or y_mask is not None:
-            x_valid = _item_mask(x_mask, "x_mask", batch, n_x, x.device)
-            y_valid = _item_mask(y_mask, "y_mask", batch, n_y, x.device)
+        if query_mask is not None or key_mask is not None:
+            x_valid = _item_mask(query_mask, "query_mask", batch, n_x, query.device)
+            y_valid = _item_mask(key_mask, "key_mask", batch, n_y, query.device)
             # (B, N_x, 1) & (B, 1, N_y) -> (B, 1, N_x, N_y): the same pairs for every glimpse
             valid = (x_valid.unsqueeze(-1) & y_valid.unsqueeze(-2)).unsqueeze(1)
         return joint_softmax(logits, valid)
 
     def forward(
         self,
-        x: Tensor,
-        y: Tensor,
+        query: Tensor,
+        key: Tensor,
         *,
-        x_mask: Tensor | None = None,
-        y_mask: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B N D", D=self.x_dim)
-        check_input(y, "y", "B N D", B=x.shape[0], D=self.y_dim)
-        batch, n_y = y.shape[0], y.shape[1]
-        maps = self.attention_maps(x, y, x_mask, y_mask)  # (B, G, N_x, N_y)
+        check_input(query, "query", "B N D", D=self.query_dim, dtype=parameter_dtype(self))
+        check_input(
+            key, "key", "B N D", B=query.shape[0], D=self.key_dim, dtype=query.dtype, dtype_source="query"
+        )
+        batch, n_y = key.shape[0], key.shape[1]
+        # padded items must not reach real outputs whatever they hold (0 x NaN is NaN): zero them
+        if query_mask is not None:
+            real_x = _item_mask(query_mask, "query_mask", batch, query.shape[1], query.device)
+            query = torch.where(real_x.unsqueeze(-1), query, 0.0)  # (B, N_x, 1) over (B, N_x, D_x)
+        if key_mask is not None:
+            real_y = _item_mask(key_mask, "key_mask", batch, n_y, query.device)
+            key = torch.where(real_y.unsqueeze(-1), key, 0.0)  # (B, N_y, 1) over (B, N_y, D_y)
+        maps = self.attention_maps(query, key, query_mask, key_mask)  # (B, G, N_x, N_y)
         width = self.hidden_dim * self.joint_rank
         # every glimpse's relu(Y V'_g) at once: (B, N_y, G K') -> (B, N_y, G, K')
-        right = self.act(self.joint_y(y)).view(batch, n_y, self.glimpses, width)
-        weights = maps.to(x.dtype)
-        f = x
+        right = self.act(self.joint_y(key)).view(batch, n_y, self.glimpses, width)
+        weights = maps.to(query.dtype)
+        f = query
         # the glimpses are sequential: each updates f, which the next one reads
         for g in range(self.glimpses):
             left = self.act(self.joint_x[g](f))  # (B, N_x, K')

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.registry import Paper, Sample, Sizes, example_sequence, register
 
 __all__ = ["FeatureBankLayer", "FeatureBankOperator"]
 
@@ -31,7 +31,7 @@ class FeatureBankLayer(nn.Module):
     without affine parameters, as the official Caffe2 op.
 
     Shape:
-        - x: (B, N, d); bank: (B, M, d); output: (B, N, d); weights (B, N, M).
+        - query: (B, N, d); key: (B, M, d), the bank; output: (B, N, d); weights (B, N, M).
     """
 
     def __init__(
@@ -62,15 +62,14 @@ class FeatureBankLayer(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, bank: Tensor, *, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, query: Tensor, key: Tensor, *, return_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         scale = 1.0 / math.sqrt(self.dim) if self.scaled else 1.0
-        q, k, v = self.theta(x), self.phi(bank), self.g(bank)
-        if return_attn:
-            context, weights = attend(q, k, v, score="dot", scale=scale, return_weights=True)
-        else:
-            context, weights = attend(q, k, v, score="dot", scale=scale), None
+        q, k, v = self.theta(query), self.phi(key), self.g(key)
+        context, weights = attend_with_weights(q, k, v, score="dot", scale=scale, return_weights=return_attn)
         update = self.dropout(self.out(F.relu(self.norm(context))))  # pre-activation: LN, ReLU, W_out
-        return x + update, weights
+        return query + update, weights
 
 
 def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
@@ -80,6 +79,8 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "feature_bank",
+    map_kind="pairwise",
+    linear_memory=True,
     family="sequence",
     paper=Paper("Long-Term Feature Banks for Detailed Video Understanding", "1812.05038"),
     equation="FBO-NL: S^(l) = S^(l-1) + Dropout(W_out ReLU(LN(softmax(theta(S^(l-1)) phi(L)^T / sqrt(d)) "
@@ -87,10 +88,26 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     make_kwargs=lambda s: {"channels": s.width, "inner_channels": s.width},
     make_inputs=_example_inputs,
     channel_dim=-1,
+    shape_preserving=False,
     cost="time O(B (N + M) C d + L B (N + M) d^2 + L B N M d); memory O(B (N + M) d) without maps "
     "(fused kernel), O(L B N M) with return_attn",
     notes="inputs (short-term (B, N, C), bank (B, M, C_bank)); the output width is inner_channels "
     "(the paper's 512); mode='avg'/'max' pool the bank instead of attending (FBO-Avg/FBO-Max)",
+    samples=(
+        *(
+            Sample(
+                f"mode={mode}",
+                {"mode": mode},
+                description=f"FBO-{mode.title()}: the bank pooled for every short-term feature",
+                skips={
+                    "gradients": "FBO-Avg/Max have no parameters",
+                    "nan": "FBO-Avg/Max read only the bank: the short-term features give the shape",
+                },
+            )
+            for mode in ("avg", "max")
+        ),
+        Sample("inner_channels", {"inner_channels": lambda s: 2 * s.width}, description="d != C (64 -> 512)"),
+    ),
 )
 class FeatureBankOperator(nn.Module):
     """The feature bank operator FBO(S, L): short-term features read a long-term feature bank.
@@ -120,7 +137,8 @@ class FeatureBankOperator(nn.Module):
         scale: divide logits by sqrt(d) (paper and official: yes).
 
     Shape:
-        - x: (B, N, C); bank: (B, M, C_bank), M usually much larger than N.
+        - query: (B, N, C), the short-term features S; key: (B, M, C_bank), the bank L (keys and
+          values), M usually much larger than N.
         - output: (B, N, d) for ``"nl"``; (B, N, C_bank) for ``"avg"``/``"max"``.
         - attention (``return_attn``): ``"nl"``: (B, num_layers, N, M), each layer's softmax over
           the bank; ``"avg"``: (B, 1, N, M) uniform 1/M; ``"max"``: (B, M, C_bank), 1 where a bank
@@ -141,14 +159,8 @@ class FeatureBankOperator(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
-        if bank_channels is not None and bank_channels <= 0:
-            raise ValueError(f"bank_channels: expected a positive count, got {bank_channels}")
-        if inner_channels <= 0:
-            raise ValueError(f"inner_channels: expected a positive width, got {inner_channels}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers: expected at least 1, got {num_layers}")
+        check_positive(channels=channels, bank_channels=bank_channels)
+        check_positive(inner_channels=inner_channels, num_layers=num_layers)
         if mode not in ("nl", "avg", "max"):
             raise ValueError(f"mode: expected 'nl', 'avg' or 'max', got {mode!r}")
         if not 0.0 <= dropout < 1.0:
@@ -184,27 +196,36 @@ class FeatureBankOperator(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, bank: Tensor, *, return_attn: bool = False
+        self, query: Tensor, key: Tensor, *, return_attn: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B N C", C=self.channels)
-        check_input(bank, "bank", "B M C", B=x.shape[0], C=self.bank_channels)
-        batch, length = x.shape[0], x.shape[1]
+        check_input(query, "query", "B N C", C=self.channels, dtype=parameter_dtype(self))
+        check_input(
+            key,
+            "key",
+            "B M C",
+            B=query.shape[0],
+            C=self.bank_channels,
+            dtype=query.dtype,
+            dtype_source="query",
+        )
+        batch, length = query.shape[0], query.shape[1]
         if self.mode != "nl":
-            pooled = bank.mean(dim=1) if self.mode == "avg" else bank.max(dim=1).values  # (B, C_bank)
+            pooled = key.mean(dim=1) if self.mode == "avg" else key.max(dim=1).values  # (B, C_bank)
             # the same bank summary for every short-term feature: (B, C_bank) -> (B, N, C_bank)
             out = pooled.unsqueeze(1).expand(batch, length, self.bank_channels)
             if not return_attn:
                 return out
             if self.mode == "avg":
+                size = key.shape[1]
                 weights = torch.full(
-                    (batch, 1, length, bank.shape[1]), 1.0 / bank.shape[1], device=x.device, dtype=x.dtype
+                    (batch, 1, length, size), 1.0 / size, device=query.device, dtype=query.dtype
                 )
             else:
-                weights = (bank == pooled.unsqueeze(1)).to(x.dtype)  # (B, M, C_bank)
+                weights = (key == pooled.unsqueeze(1)).to(query.dtype)  # (B, M, C_bank)
             return out, weights
 
-        state = self.in_dropout(self.in_proj(x))  # (B, N, d)
-        memory = self.bank_dropout(self.bank_proj(bank))  # (B, M, d)
+        state = self.in_dropout(self.in_proj(query))  # (B, N, d)
+        memory = self.bank_dropout(self.bank_proj(key))  # (B, M, d)
         maps: list[Tensor] = []
         for block in self.layers:  # the stacked layers (2), each attending to the same bank
             state, weights = block(state, memory, return_attn=return_attn)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant
-from attnzoo.functional.attend import attend, attention_weights, key_padding_to_mask
-from attnzoo.registry import Paper, Sizes, example_sequence, register
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights, attention_weights, key_padding_to_mask
+from attnzoo.registry import Paper, Sample, Sizes, example_sequence, key_mask_sample, register
 
 __all__ = ["LOCAL_MODES", "LUONG_SCORES", "LuongAttention", "LuongLocalAttention"]
 
@@ -50,9 +50,7 @@ class _LuongBase(nn.Module):
         if score not in scores:
             raise ValueError(f"score: expected one of {scores}, got {score!r}")
         key_dim = key_dim or query_dim
-        for name, value in (("query_dim", query_dim), ("key_dim", key_dim)):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive width, got {value}")
+        check_positive(query_dim=query_dim, key_dim=key_dim)
         if score == "dot" and key_dim != query_dim:
             raise ValueError(
                 f"key_dim: score 'dot' needs key_dim == query_dim ({query_dim}), got {key_dim} "
@@ -95,12 +93,20 @@ class _LuongBase(nn.Module):
         # [c_t; h_t]: (B, N, D_k) ++ (B, N, D_q) -> (B, N, D_k + D_q)
         return torch.tanh(self.w_c(torch.cat([context, query], dim=-1)))
 
-    def _check(self, query: Tensor, source: Tensor, key_mask: Tensor | None) -> Tensor | None:
-        check_input(query, "query", ("B D", "B N D"), D=self.query_dim)
-        check_input(source, "source", "B S D", B=query.shape[0], D=self.key_dim)
+    def _check(self, query: Tensor, key: Tensor, key_mask: Tensor | None) -> Tensor | None:
+        check_input(query, "query", ("B D", "B N D"), D=self.query_dim, dtype=parameter_dtype(self))
+        check_input(
+            key,
+            "key",
+            "B S D",
+            B=query.shape[0],
+            D=self.key_dim,
+            dtype=query.dtype,
+            dtype_source="query",
+        )
         if key_mask is None:
             return None
-        return key_padding_to_mask(key_mask, source.shape[0], source.shape[1])  # (B, 1, S)
+        return key_padding_to_mask(key_mask, key.shape[0], key.shape[1], device=key.device)  # (B, 1, S)
 
 
 def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
@@ -110,6 +116,8 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "luong",
+    map_kind="alignment",
+    linear_memory=True,
     family="sequence",
     paper=_PAPER,
     equation="a_t(s) = softmax_s(score(h_t, h_s)), c_t = sum_s a_t(s) h_s, h~_t = tanh(W_c [c_t; h_t]); "
@@ -122,6 +130,16 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     "kernel), O(N S A) for concat or with return_attn",
     notes="Query is the CURRENT decoder state h_t. Default score 'dot' (the paper: dot works well for "
     "global attention, general for local). Input feeding lives in attnzoo.models.seq2seq.Seq2Seq.",
+    samples=(
+        key_mask_sample(key_input=1, self_attention=False),
+        Sample("score=general", {"score": "general"}),
+        Sample(
+            "score=concat",
+            {"score": "concat"},
+            skips={"linear_memory": "an MLP score needs every (query, key) pair"},
+        ),
+        Sample("score=location", {"score": "location", "max_source_len": lambda s: s.extent + 3}),
+    ),
 )
 class LuongAttention(_LuongBase):
     """Luong global attention with its attentional hidden state.
@@ -148,7 +166,7 @@ class LuongAttention(_LuongBase):
 
     Shape:
         - query: (B, N, D), the current decoder states h_t of N steps, or (B, D) for one step.
-        - source: (B, S, D_k), the encoder states h_s.
+        - key: (B, S, D_k), the encoder states h_s (the keys and the values).
         - key_mask: (B, S) bool, True at real (not padded) source positions.
         - output: the attentional state h~_t, (B, N, D) (or (B, D)); attention (``return_attn``):
           the alignment a_t, (B, N, S) (or (B, S)).
@@ -177,38 +195,39 @@ class LuongAttention(_LuongBase):
     def forward(
         self,
         query: Tensor,
-        source: Tensor,
+        key: Tensor,
         *,
         key_mask: Tensor | None = None,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        mask = self._check(query, source, key_mask)
+        mask = self._check(query, key, key_mask)
         single_step = query.dim() == 2
         if single_step:
             query = query.unsqueeze(1)  # (B, D) -> (B, 1, D)
-        batch, length = source.shape[0], source.shape[1]
+        batch, length = key.shape[0], key.shape[1]
         if self.score == "location":
             assert self.w_a is not None and self.max_source_len is not None
             if length > self.max_source_len:
                 raise ValueError(
-                    f"source: score 'location' was built for at most max_source_len="
+                    f"key: score 'location' was built for at most max_source_len="
                     f"{self.max_source_len} positions, got S={length}"
                 )
             # W_a h_t = h_t . (rows of W_a): the location score is a dot product with learned
             # position keys, (S, D) -> (B, S, D) as a broadcast view
-            keys = self.w_a[:length].unsqueeze(0).expand(batch, length, self.query_dim)
-            result = attend(query, keys, source, score="dot", mask=mask, return_weights=return_attn)
+            position_keys = self.w_a[:length].unsqueeze(0).expand(batch, length, self.query_dim)
+            context, weights = attend_with_weights(
+                query, position_keys, key, score="dot", mask=mask, return_weights=return_attn
+            )
         else:
-            result = attend(
+            context, weights = attend_with_weights(
                 query,
-                source,
-                source,
+                key,
+                key,
                 score=self.score,  # type: ignore[arg-type]
                 mask=mask,
                 return_weights=return_attn,
                 **self._score_kwargs(),
             )
-        context, weights = result if isinstance(result, tuple) else (result, None)
         out = self._attentional(context, query)
         if single_step:
             out = out.squeeze(1)  # (B, 1, D) -> (B, D)
@@ -223,6 +242,8 @@ def _local_example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "luong_local",
+    map_kind="alignment",
+    linear_memory=True,
     family="sequence",
     paper=_PAPER,
     equation="window [p_t - D, p_t + D]; local-m p_t = t; local-p p_t = S sigmoid(v_p^T tanh(W_p h_t)), "
@@ -237,6 +258,13 @@ def _local_example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     notes="Defaults: local-p with the 'general' score, D = 10, sigma = D/2 (the paper's best). local-p "
     "weights are NOT renormalised after the Gaussian. Window centre floor(p_t) as in the official "
     "code; variant='official' also clamps local-m's p_t = t to the last source word.",
+    samples=(
+        key_mask_sample(key_input=1, self_attention=False),
+        Sample("mode=local-m", {"mode": "local-m"}, description="monotonic alignment p_t = t"),
+        Sample("score=dot", {"score": "dot"}),
+        Sample("score=concat", {"score": "concat"}),
+        Sample("variant=official", {"variant": "official"}),
+    ),
 )
 class LuongLocalAttention(_LuongBase):
     """Luong local attention (local-m and local-p) with its attentional hidden state.
@@ -274,7 +302,7 @@ class LuongLocalAttention(_LuongBase):
     Shape:
         - query: (B, N, D_h), the current decoder states of N consecutive steps starting at step
           ``step`` (default 0), or (B, D_h) for the single step ``step`` (required for local-m).
-        - source: (B, S, D_k), the encoder states.
+        - key: (B, S, D_k), the encoder states (the keys and the values).
         - key_mask: (B, S) bool, True at real (not padded) source positions; right padding (the
           length S of local-p counts the True entries).
         - output: h~_t, (B, N, D_h) (or (B, D_h)); attention (``return_attn``): a_t scattered to
@@ -350,13 +378,13 @@ class LuongLocalAttention(_LuongBase):
     def forward(
         self,
         query: Tensor,
-        source: Tensor,
+        key: Tensor,
         *,
         key_mask: Tensor | None = None,
         step: int | None = None,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        self._check(query, source, key_mask)
+        self._check(query, key, key_mask)
         single_step = query.dim() == 2
         if single_step:
             if self.mode == "local-m" and step is None:
@@ -365,7 +393,7 @@ class LuongLocalAttention(_LuongBase):
                     "(B, D) query needs its decoder step, got None"
                 )
             query = query.unsqueeze(1)  # (B, D_h) -> (B, 1, D_h)
-        batch, n_q, length = query.shape[0], query.shape[1], source.shape[1]
+        batch, n_q, length = query.shape[0], query.shape[1], key.shape[1]
         positions = self.positions(query, length, key_mask=key_mask, step=step or 0)  # (B, N)
 
         # The window [floor(p) - D, floor(p) + D] lies inside a run of `span` source positions that
@@ -378,10 +406,12 @@ class LuongLocalAttention(_LuongBase):
         if key_mask is not None:
             # (B, S) -> (B, N W) -> (B, N, W): padded source positions are never attended
             valid = valid & key_mask.gather(1, index.reshape(batch, n_q * span)).reshape(batch, n_q, span)
+            # and hold zeros, so that whatever they held (0 x NaN is NaN) cannot reach real outputs
+            key = torch.where(key_mask.unsqueeze(-1), key, 0.0)  # (B, S, 1) over (B, S, D_k)
         # gather each query's window from the flattened source: (B, S, D_k) -> (B S, D_k) ->
         # (B N W, D_k) -> (B, N, W, D_k)
         rows = index + (torch.arange(batch, device=query.device) * length).view(batch, 1, 1)
-        windows = source.reshape(batch * length, self.key_dim).index_select(
+        windows = key.reshape(batch * length, self.key_dim).index_select(
             0, rows.reshape(batch * n_q * span)
         )
         windows = windows.reshape(batch, n_q, span, self.key_dim)
@@ -399,7 +429,7 @@ class LuongLocalAttention(_LuongBase):
             offset = index.to(positions.dtype) - positions.unsqueeze(-1)  # (B, N, W)
             weights = weights * torch.exp(-offset.square() / (2 * self.sigma**2)).to(weights.dtype)
         # (B, N, 1, W) @ (B, N, W, D_k) -> (B, N, 1, D_k) -> (B, N, D_k)
-        context = (weights.to(source.dtype).unsqueeze(-2) @ windows).squeeze(-2)
+        context = (weights.to(key.dtype).unsqueeze(-2) @ windows).squeeze(-2)
         out = self._attentional(context, query)
         if single_step:
             out = out.squeeze(1)  # (B, 1, D_h) -> (B, D_h)

@@ -14,18 +14,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnzoo._checks import check_dtypes, check_positive, check_variant
 from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, register, sequence_input
-from attnzoo.sequence._heads import merge_masks_for_heads, resolve_key_value
+from attnzoo.functional.heads import merge_masks_for_heads, resolve_key_value
+from attnzoo.registry import (
+    Paper,
+    Sample,
+    attn_mask_sample,
+    causal,
+    cross_inputs,
+    key_mask_sample,
+    register,
+    sequence_input,
+)
 
 __all__ = ["SingleHeadAttention"]
 
 Variant = Literal["paper", "official"]
-_VARIANTS = ("paper", "official")
 
 
 @register(
     "sha",
+    map_kind="pairwise",
+    linear_memory=True,
     family="sequence",
     paper=Paper("Single Headed Attention RNN: Stop Thinking With Your Head", "1911.11423"),
     equation="q = sigmoid(s_q) * LN(W_q x + b_q), k = sigmoid(s_k) * m, v = sigmoid(s_v) * m, "
@@ -39,6 +50,14 @@ _VARIANTS = ("paper", "official")
     notes="variant='official' passes the value gate through the code's over-parameterisation "
     "(sigmoid(f) * tanh(c), [c, f] = W sigmoid(s_v) + b), uses LayerNorm eps 1e-12 and drops out q and v "
     "as well as the weights; collapse_value_gate() folds the over-parameterisation into one vector.",
+    samples=(
+        key_mask_sample(),
+        attn_mask_sample("attn_mask"),
+        Sample("causal", forward_kwargs=causal, description="causal self-attention"),
+        Sample("cross", inputs=cross_inputs, description="cross-attention to a longer memory"),
+        key_mask_sample("cross_key_mask", key_input=1, self_attention=False, inputs=cross_inputs),
+        Sample("variant=official", {"variant": "official"}, description="over-parameterised value gate"),
+    ),
 )
 class SingleHeadAttention(nn.Module):
     """SHA-RNN attention: one head, a projected and normalised query, unprojected keys and values.
@@ -89,10 +108,8 @@ class SingleHeadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0:
-            raise ValueError(f"embed_dim: expected a positive width, got {embed_dim}")
-        if variant not in _VARIANTS:
-            raise ValueError(f"variant: expected one of {_VARIANTS}, got {variant!r}")
+        check_positive(embed_dim=embed_dim)
+        check_variant(variant)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         self.embed_dim, self.variant, self.dropout = embed_dim, variant, dropout
@@ -180,9 +197,12 @@ class SingleHeadAttention(nn.Module):
         """Attend from ``query`` to the memory ``key``/``value`` (self-attention when None)."""
         e = self.embed_dim
         key, value = resolve_key_value(query, key, value, embed_dim=e, kdim=e, vdim=e)
+        check_dtypes(self, query=query, key=key, value=value)
         batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
         # one head: masks broadcast to (B, N_q, N_k)
-        mask = merge_masks_for_heads(attn_mask, key_mask, batch=batch, n_q=n_q, n_k=n_k, num_heads=None)
+        mask = merge_masks_for_heads(
+            attn_mask, key_mask, batch=batch, n_q=n_q, n_k=n_k, num_heads=None, device=query.device
+        )
 
         q_gate, k_gate, v_gate = self.gates()  # (d,) each
         q = q_gate * self._normed_query(query)  # (B, N_q, d)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask, check_variant
-from attnzoo.functional.attend import attend, attention_weights
-from attnzoo.registry import Paper, Sizes, example_image, example_sequence, register
+from attnzoo._checks import check_input, check_mask, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights, attention_weights
+from attnzoo.registry import Paper, Sample, Sizes, example_image, example_sequence, register
 
 __all__ = [
     "MovingAverageBaseline",
@@ -42,6 +42,7 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "show_attend_tell",
+    map_kind="mixed",
     family="sequence",
     paper=Paper("Show, Attend and Tell: Neural Image Caption Generation with Visual Attention", "1502.03044"),
     equation="e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b), alpha_t = softmax_i(e_ti); "
@@ -54,6 +55,10 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     notes="Hard attention samples only in training (with probability expectation_prob = 0.5 an image "
     "uses the expectation alpha instead, paper section 4.1); in eval it returns the expectation, as "
     "the official sampler does. Train it with hard_attention_loss and MovingAverageBaseline.",
+    samples=(
+        Sample("gate=False", {"gate": False}, description="without the gating scalar beta"),
+        Sample("mode=hard", {"mode": "hard"}, description="stochastic hard attention"),
+    ),
 )
 class ShowAttendTellAttention(nn.Module):
     """Show, Attend and Tell's attention over annotation vectors, soft (gated) or hard.
@@ -79,7 +84,8 @@ class ShowAttendTellAttention(nn.Module):
 
     Shape:
         - query: (B, N, D_h), the previous states h_{t-1} of N caption steps, or (B, D_h) for one.
-        - features: (B, L, D) annotation vectors, or a (B, D, H, W) feature map (L = H W).
+        - key: (B, L, D) annotation vectors a_i (the keys and the values), or a (B, D, H, W)
+          feature map (L = H W).
         - use_expectation: hard mode in training, (B,) bool: the images that use alpha rather than
           a sample (default: drawn with ``expectation_prob``). Pass the same one at every step
           of a caption.
@@ -104,9 +110,7 @@ class ShowAttendTellAttention(nn.Module):
         super().__init__()
         feature_dim = feature_dim or hidden_dim
         attn_dim = attn_dim or feature_dim
-        for name, value in (("hidden_dim", hidden_dim), ("feature_dim", feature_dim), ("attn_dim", attn_dim)):
-            if value <= 0:
-                raise ValueError(f"{name}: expected a positive width, got {value}")
+        check_positive(hidden_dim=hidden_dim, feature_dim=feature_dim, attn_dim=attn_dim)
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
         if not 0.0 <= expectation_prob <= 1.0:
@@ -141,32 +145,39 @@ class ShowAttendTellAttention(nn.Module):
     def forward(
         self,
         query: Tensor,
-        features: Tensor,
+        key: Tensor,
         *,
         use_expectation: Tensor | None = None,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        check_input(query, "query", ("B D", "B N D"), D=self.hidden_dim)
-        check_input(features, "features", FEATURE_LAYOUTS, B=query.shape[0], D=self.feature_dim)
-        if features.dim() == 4:
-            features = features.flatten(2).transpose(1, 2)  # (B, D, H, W) -> (B, HW, D)
+        check_input(query, "query", ("B D", "B N D"), D=self.hidden_dim, dtype=parameter_dtype(self))
+        check_input(
+            key,
+            "key",
+            FEATURE_LAYOUTS,
+            B=query.shape[0],
+            D=self.feature_dim,
+            dtype=query.dtype,
+            dtype_source="query",
+        )
+        if key.dim() == 4:
+            key = key.flatten(2).transpose(1, 2)  # (B, D, H, W) -> (B, HW, D)
         single_step = query.dim() == 2
         if single_step:
             query = query.unsqueeze(1)  # (B, D_h) -> (B, 1, D_h)
         beta = torch.sigmoid(self.f_beta(query)) if self.f_beta is not None else None  # (B, N, 1)
         extras: dict[str, Tensor] = {}
         if self.mode == "soft" or not self.training:
-            result = attend(
+            context, alpha = attend_with_weights(
                 query,
-                features,
-                features,
+                key,
+                key,
                 score="additive",
                 return_weights=return_attn,
                 **self._score_kwargs(),
             )
-            context, alpha = result if isinstance(result, tuple) else (result, None)
         else:
-            context, alpha, extras = self._hard(query, features, use_expectation)
+            context, alpha, extras = self._hard(query, key, use_expectation)
         out = context if beta is None else beta * context
         if single_step:
             out = out.squeeze(1)  # (B, 1, D) -> (B, D)
@@ -179,14 +190,14 @@ class ShowAttendTellAttention(nn.Module):
         return out, maps
 
     def _hard(
-        self, query: Tensor, features: Tensor, use_expectation: Tensor | None
+        self, query: Tensor, key: Tensor, use_expectation: Tensor | None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One stochastic pass: sample s_t ~ alpha_t, or use alpha_t for the images so chosen."""
-        batch, n_q, n_loc = query.shape[0], query.shape[1], features.shape[1]
-        alpha = attention_weights(query, features, score="additive", **self._score_kwargs())  # (B, N, L)
+        batch, n_q, n_loc = query.shape[0], query.shape[1], key.shape[1]
+        alpha = attention_weights(query, key, score="additive", **self._score_kwargs())  # (B, N, L)
         if use_expectation is None:
             use_expectation = torch.rand(batch, device=query.device) < self.expectation_prob
-        check_mask(use_expectation, "use_expectation", (batch,))
+        check_mask(use_expectation, "use_expectation", (batch,), device=query.device)
         if use_expectation.dtype != torch.bool or use_expectation.shape != (batch,):
             raise ValueError(
                 f"use_expectation: expected a (B,) = ({batch},) bool tensor, got "
@@ -194,7 +205,10 @@ class ShowAttendTellAttention(nn.Module):
             )
         if batch * n_q > 0:
             # one draw per (image, step) from its own distribution: (B N, L) -> (B N, 1) -> (B, N)
-            location = torch.multinomial(alpha.detach().float().reshape(batch * n_q, n_loc), 1)
+            # a NaN input makes alpha NaN, which multinomial rejects: draw from a finite stand-in
+            # (the NaN still reaches the context below)
+            probs = alpha.detach().float().nan_to_num(nan=1.0, posinf=1.0)
+            location = torch.multinomial(probs.reshape(batch * n_q, n_loc), 1)
             location = location.reshape(batch, n_q)
         else:
             location = torch.zeros(batch, n_q, dtype=torch.long, device=query.device)
@@ -203,7 +217,9 @@ class ShowAttendTellAttention(nn.Module):
         # sampled images get no gradient through the choice itself (REINFORCE supplies it)
         sample_weights = torch.where(expect, alpha, one_hot)
         # (B, N, L) @ (B, L, D) -> (B, N, D)
-        context = sample_weights.to(features.dtype) @ features
+        context = sample_weights.to(key.dtype) @ key
+        # a sampled one-hot hides a NaN alpha: 0 * sum(alpha) is 0, or NaN where alpha is
+        context = context + 0.0 * alpha.sum(dim=-1, keepdim=True).to(context.dtype)
         log_alpha = torch.log(alpha.clamp_min(torch.finfo(alpha.dtype).tiny))
         log_prob = log_alpha.gather(-1, location.unsqueeze(-1)).squeeze(-1)  # (B, N)
         log_prob = log_prob.masked_fill(use_expectation.view(batch, 1), 0.0)
@@ -323,8 +339,23 @@ def hard_attention_loss(
         mask: (B, T) bool, True at real (not padded) caption steps.
     """
     check_input(log_prob, "log_prob", "B T")
-    check_input(entropy, "entropy", "B T", B=log_prob.shape[0], T=log_prob.shape[1])
-    check_input(log_likelihood, "log_likelihood", "B", B=log_prob.shape[0])
+    check_input(
+        entropy,
+        "entropy",
+        "B T",
+        B=log_prob.shape[0],
+        T=log_prob.shape[1],
+        dtype=log_prob.dtype,
+        dtype_source="log_prob",
+    )
+    check_input(
+        log_likelihood,
+        "log_likelihood",
+        "B",
+        B=log_prob.shape[0],
+        dtype=entropy.dtype,
+        dtype_source="entropy",
+    )
     if mask is not None:
         check_mask(mask, "mask", log_prob.shape)
         keep = mask.to(log_prob.dtype)

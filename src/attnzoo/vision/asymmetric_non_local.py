@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant
-from attnzoo.functional.attend import attend
-from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.layers import NormLayer, create_norm, reduced_width
+from attnzoo.registry import Paper, Sample, example_image, image_input, register
 
 __all__ = ["AsymmetricNonLocal", "pyramid_pool"]
 
@@ -35,12 +35,16 @@ def pyramid_pool(x: Tensor, sizes: Sequence[int]) -> Tensor:
     return torch.cat([F.adaptive_avg_pool2d(x, size).flatten(2) for size in sizes], dim=-1)
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, factory: dict) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, **factory), nn.BatchNorm2d(out_ch, **factory), nn.ReLU())
+def _conv_bn_relu(in_ch: int, out_ch: int, norm_layer: NormLayer, factory: dict) -> nn.Sequential:
+    conv = nn.Conv2d(in_ch, out_ch, 1, **factory)
+    return nn.Sequential(conv, create_norm(norm_layer, out_ch, **factory), nn.ReLU())
 
 
 @register(
     "asymmetric_non_local",
+    placement="stage",
+    map_kind="pairwise",
+    linear_memory=True,
     family="non_local",
     paper=Paper("Asymmetric Non-local Neural Networks for Semantic Segmentation", "1908.07678"),
     equation="O = softmax(theta(X)^T P(phi(X))) P(gamma(X))^T, P = pyramid pooling to 1+9+36+64 = 110 "
@@ -51,6 +55,18 @@ def _conv_bn_relu(in_ch: int, out_ch: int, factory: dict) -> nn.Sequential:
     "no HW x HW matrix (fused kernel; O(B HW S) with return_attn)",
     notes="mode='afnb' takes (high, low) feature maps; variant='official' scales the logits by "
     "C_k^-1/2 as the authors' code does (the paper's softmax(phi^T theta) is unscaled)",
+    samples=(
+        Sample(
+            "mode=afnb",
+            {"mode": "afnb", "low_channels": lambda s: s.width // 2},
+            inputs=lambda s: (
+                example_image(s),
+                example_image(s, channels=s.width // 2, side=2 * s.extent, seed=1),
+            ),
+            description="AFNB: fuse a higher-resolution lower stage",
+        ),
+        Sample("variant=official", {"variant": "official"}),
+    ),
 )
 class AsymmetricNonLocal(nn.Module):
     """Asymmetric pyramid non-local block (APNB) or asymmetric fusion non-local block (AFNB).
@@ -81,6 +97,8 @@ class AsymmetricNonLocal(nn.Module):
         dropout: Dropout2d after the fusion (official: 0.05).
         variant: ``"paper"`` (unscaled logits, the paper's ``softmax(phi^T theta)``) or
             ``"official"`` (logits scaled by C_k^-1/2, as the authors' code does).
+        norm_layer: the normalisation of the key/query transforms and of the fusion, called as
+            ``norm_layer(channels)`` (default BatchNorm, as the official code; None: none).
 
     Shape:
         - x: (B, C, H, W); low (AFNB only): (B, C_low, H_l, W_l), any H_l, W_l.
@@ -101,12 +119,12 @@ class AsymmetricNonLocal(nn.Module):
         pool_sizes: Sequence[int] = (1, 3, 6, 8),
         dropout: float = 0.05,
         variant: Variant = "paper",
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         if mode not in ("apnb", "afnb"):
             raise ValueError(f"mode: expected 'apnb' or 'afnb', got {mode!r}")
         check_variant(variant)
@@ -116,9 +134,7 @@ class AsymmetricNonLocal(nn.Module):
             raise ValueError(f"pool_sizes: expected positive grid sides, got {tuple(pool_sizes)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
-        for name, value in (("key_channels", key_channels), ("value_channels", value_channels)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: expected a positive width, got {value}")
+        check_positive(key_channels=key_channels, value_channels=value_channels)
         self.channels, self.mode, self.variant = channels, mode, variant
         self.key_channels = key_channels or reduced_width(channels, 1 / 2)
         self.value_channels = value_channels or reduced_width(channels, 1 / 2)
@@ -128,14 +144,16 @@ class AsymmetricNonLocal(nn.Module):
         self.num_anchors = sum(s * s for s in self.pool_sizes)
         factory = {"device": device, "dtype": dtype}
         source = self.low_channels or channels  # where keys and values come from
-        self.key = _conv_bn_relu(source, self.key_channels, factory)
+        self.key = _conv_bn_relu(source, self.key_channels, norm_layer, factory)
         # APNB: theta and phi share one transform; AFNB needs its own for the high-level query
-        self.query = _conv_bn_relu(channels, self.key_channels, factory) if mode == "afnb" else None
+        self.query: nn.Sequential | None = None
+        if mode == "afnb":
+            self.query = _conv_bn_relu(channels, self.key_channels, norm_layer, factory)
         self.value = nn.Conv2d(source, self.value_channels, 1, **factory)
         self.out_proj = nn.Conv2d(self.value_channels, self.out_channels, 1, **factory)
         fuse: list[nn.Module] = [
             nn.Conv2d(self.out_channels + channels, self.out_channels, 1, **factory),
-            nn.BatchNorm2d(self.out_channels, **factory),
+            create_norm(norm_layer, self.out_channels, **factory),
         ]
         if mode == "apnb":
             fuse.append(nn.ReLU())  # the official AFNB fusion has BN only, APNB has BN + ReLU
@@ -159,7 +177,7 @@ class AsymmetricNonLocal(nn.Module):
         self, x: Tensor, low: Tensor | None = None, *, return_attn: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """APNB: ``forward(x)``. AFNB: ``forward(high, low)``."""
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         batch, _, height, width = x.shape
         if self.mode == "apnb":
             if low is not None:
@@ -169,17 +187,14 @@ class AsymmetricNonLocal(nn.Module):
         else:
             if low is None:
                 raise ValueError("low: AFNB (mode='afnb') needs the low-level map as second input")
-            check_input(low, "low", "B C H W", B=batch, C=self.low_channels)
+            check_input(low, "low", "B C H W", B=batch, C=self.low_channels, dtype=x.dtype, dtype_source="x")
             query_map, key_map, source = self.query(x), self.key(low), low  # type: ignore[misc]
 
         q = query_map.flatten(2).transpose(1, 2)  # (B, C_k, H, W) -> (B, HW, C_k)
         k = pyramid_pool(key_map, self.pool_sizes).transpose(1, 2)  # (B, C_k, S) -> (B, S, C_k)
         v = pyramid_pool(self.value(source), self.pool_sizes).transpose(1, 2)  # (B, S, C_v)
         scale = 1.0 / math.sqrt(self.key_channels) if self.variant == "official" else 1.0
-        if return_attn:
-            context, weights = attend(q, k, v, score="dot", scale=scale, return_weights=True)
-        else:
-            context, weights = attend(q, k, v, score="dot", scale=scale), None
+        context, weights = attend_with_weights(q, k, v, score="dot", scale=scale, return_weights=return_attn)
         # (B, HW, C_v) -> (B, C_v, HW) -> (B, C_v, H, W)
         context = context.transpose(1, 2).reshape(batch, self.value_channels, height, width)
         out = self.fuse(torch.cat([self.out_proj(context), x], dim=1))

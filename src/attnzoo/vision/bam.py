@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant
-from attnzoo.layers import LayerSpec, create_layer, reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.layers import LayerSpec, NormLayer, create_layer, create_norm, reduced_width
+from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision._norm import check_batch_statistics
 from attnzoo.vision.squeeze_excite import channel_descriptor
 
 __all__ = ["BAM"]
@@ -23,6 +24,9 @@ Fusion = Literal["sum", "product"]
 
 @register(
     "bam",
+    placement="stage",
+    map_kind="mixed",
+    linear_memory=True,
     family="gating",
     paper=Paper("BAM: Bottleneck Attention Module", "1807.06514"),
     equation="F' = F + F * sigmoid(M_c(F) + M_s(F)); M_c = BN(MLP(GAP(F))), C -> C/r -> C; "
@@ -32,6 +36,14 @@ Fusion = Literal["sum", "product"]
     cost="time O(B C HW + B HW C^2 / r + 18 B HW C^2 / r^2); memory O(B C HW)",
     notes="variant='official' is the authors' code: BN+ReLU after every hidden layer, no BN at the "
     "branch ends, biases everywhere, and the branches MULTIPLIED (fusion='product'); the paper sums",
+    samples=(
+        Sample("fusion=product", {"fusion": "product"}),
+        Sample(
+            "variant=official",
+            {"variant": "official"},
+            skips={"gradients": "the BN after the official channel MLP's first FC cancels its bias"},
+        ),
+    ),
 )
 class BAM(nn.Module):
     """Bottleneck attention module: one 3-D attention map from a channel and a spatial branch.
@@ -63,6 +75,10 @@ class BAM(nn.Module):
             layer, no BN at the branch ends, biases in every layer).
         fusion: how the branches combine before the gate: ``"sum"`` (paper, its best in Table 1)
             or ``"product"`` (the authors' code). None: the variant's own (sum / product).
+        norm_layer: the normalisation (default BatchNorm), called as ``norm_layer(channels)`` and
+            applied to (B, C', H, W) maps; the channel branch's vectors go through it as
+            (B, C', 1, 1), which for BatchNorm has the statistics of a BatchNorm1d over (B, C').
+            None: no normalisation anywhere.
 
     Shape:
         - x: (B, C, H, W); output: the same.
@@ -83,12 +99,12 @@ class BAM(nn.Module):
         gate_layer: LayerSpec = "sigmoid",
         variant: Variant = "paper",
         fusion: Fusion | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         check_variant(variant)
         fusion = fusion or ("product" if variant == "official" else "sum")
         if fusion not in ("sum", "product"):
@@ -102,49 +118,48 @@ class BAM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         official = variant == "official"
 
-        def hidden_norm(n: int, dims: int) -> nn.Module:
-            if not official:
-                return nn.Identity()
-            return nn.BatchNorm1d(n, **factory) if dims == 1 else nn.BatchNorm2d(n, **factory)
+        def hidden_norm(n: int) -> nn.Module:
+            return create_norm(norm_layer, n, **factory) if official else nn.Identity()
+
+        def end_norm(n: int) -> nn.Module:
+            return nn.Identity() if official else create_norm(norm_layer, n, **factory)
 
         # channel branch: GAP -> FC -> [BN] -> act -> FC -> BN (paper) / no end BN (official)
         self.channel_fc1 = nn.Linear(channels, width, **factory)
-        self.channel_norm1 = hidden_norm(width, 1)
+        self.channel_norm1 = hidden_norm(width)
         self.channel_act = create_layer(act_layer, argument="act_layer")
         self.channel_fc2 = nn.Linear(width, channels, bias=official, **factory)
-        self.channel_norm = nn.Identity() if official else nn.BatchNorm1d(channels, **factory)
+        self.channel_norm = end_norm(channels)
 
         # spatial branch: 1x1 reduce -> num_dilated x (3x3, dilation d) -> 1x1 to one map
-        layers: list[nn.Module] = [nn.Conv2d(channels, width, 1, **factory), hidden_norm(width, 2)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 1, **factory), hidden_norm(width)]
         layers.append(create_layer(act_layer, argument="act_layer"))
         for _ in range(num_dilated):
             layers += [
                 nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, **factory),
-                hidden_norm(width, 2),
+                hidden_norm(width),
                 create_layer(act_layer, argument="act_layer"),
             ]
         layers.append(nn.Conv2d(width, 1, 1, bias=official, **factory))
-        layers.append(nn.Identity() if official else nn.BatchNorm2d(1, **factory))
+        layers.append(end_norm(1))
         self.spatial = nn.Sequential(*layers)
         self.gate = create_layer(gate_layer, argument="gate_layer")
 
     def channel_attention(self, x: Tensor) -> Tensor:
         """M_c(x) before the gate, (B, C, 1, 1)."""
-        hidden = self.channel_act(self.channel_norm1(self.channel_fc1(channel_descriptor(x, "avg"))))
-        logits = self.channel_norm(self.channel_fc2(hidden))  # (B, C)
-        return logits[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        # (B, C') -> (B, C', 1, 1): the norm layers take maps
+        hidden = self.channel_fc1(channel_descriptor(x, "avg"))[:, :, None, None]
+        hidden = self.channel_act(self.channel_norm1(hidden)).flatten(1)  # (B, C', 1, 1) -> (B, C')
+        return self.channel_norm(self.channel_fc2(hidden)[:, :, None, None])  # (B, C) -> (B, C, 1, 1)
 
     def spatial_attention(self, x: Tensor) -> Tensor:
         """M_s(x) before the gate, (B, 1, H, W)."""
         return self.spatial(x)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        check_input(x, "x", "B C H W", C=self.channels)
-        if self.training and x.shape[0] == 1:
-            raise ValueError(
-                "x: BAM's BatchNorm over the pooled channel vector needs a batch of more than 1 in "
-                f"training mode, got shape {tuple(x.shape)} (use eval() for single images)"
-            )
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
+        for norm in (self.channel_norm1, self.channel_norm):  # the norms of the pooled vector
+            check_batch_statistics(norm, x, "BAM's norm over the pooled channel vector")
         channel = self.channel_attention(x)
         spatial = self.spatial_attention(x)
         # (B, C, 1, 1) with (B, 1, H, W) -> (B, C, H, W)

@@ -12,15 +12,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import attend
-from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.functional.softmax import masked_softmax
+from attnzoo.layers import LayerSpec, NormLayer, create_layer, create_norm
+from attnzoo.registry import Paper, Sample, Sizes, example_image, register
 
 __all__ = ["CoAttention"]
 
 FORMS = ("vanilla", "symmetric", "channel")
-VARIANTS = ("paper", "official")
 
 
 def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
@@ -30,6 +30,9 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "co_attention",
+    placement="head",
+    map_kind="pairwise",
+    linear_memory=True,
     family="non_local",
     paper=Paper(
         "See More, Know More: Unsupervised Video Object Segmentation With Co-Attention Siamese Networks",
@@ -44,6 +47,18 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     notes="variant='official': the exemplar branch's weights are softmax(softmax(S^T, over a)^T, over "
     "b) (the official code applies the second softmax to already normalised weights), the gate has "
     "no bias, and each branch has its own fusion conv",
+    samples=(
+        Sample("form=symmetric", {"form": "symmetric"}),
+        Sample("form=channel", {"form": "channel"}),
+        Sample(
+            "variant=official",
+            {"variant": "official"},
+            skips={
+                "gradients": "the official variant fuses y only with return_both=True",
+                "linear_memory": "the official affinity is formed once and normalised both ways",
+            },
+        ),
+    ),
 )
 class CoAttention(nn.Module):
     """COSNet co-attention: each map attends over the other through a learned affinity.
@@ -67,8 +82,9 @@ class CoAttention(nn.Module):
             (P^T D P; P starts as the identity and is not kept orthogonal: any P gives a symmetric
             W) or ``"channel"`` (D).
         variant: ``"paper"`` or ``"official"`` (see below).
-        fuse_norm: BatchNorm after the fusion conv, as in the official code (the conv then has no
-            bias).
+        norm_layer: the normalisation after the fusion conv, called as ``norm_layer(C)``
+            (default BatchNorm, as in the official code; the conv then has no bias). None: no
+            normalisation, a conv with bias.
         act_layer: activation after the fusion (official: ReLU; None for none).
 
     ``variant="official"`` reproduces ``siamese_model_conf.py``: the weights of ``x``'s branch are
@@ -89,18 +105,16 @@ class CoAttention(nn.Module):
         *,
         form: Literal["vanilla", "symmetric", "channel"] = "vanilla",
         variant: Literal["paper", "official"] = "paper",
-        fuse_norm: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         act_layer: LayerSpec = "relu",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         if form not in FORMS:
             raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        check_variant(variant)
         self.channels, self.form, self.variant = channels, form, variant
         factory = {"device": device, "dtype": dtype}
         self.weight: nn.Linear | None = None
@@ -114,15 +128,17 @@ class CoAttention(nn.Module):
             self.diagonal = nn.Parameter(torch.empty(channels, **factory))  # D
         # NOTE: the official gate has no bias; the paper's gate (eq. 7) has b_f
         self.gate = nn.Linear(channels, 1, bias=variant == "paper", **factory)  # w_f, b_f
-        self.fuse = self._fusion(channels, fuse_norm, act_layer, factory)
-        self.fuse_y = self._fusion(channels, fuse_norm, act_layer, factory) if variant == "official" else None
+        self.fuse = self._fusion(channels, norm_layer, act_layer, factory)
+        official = variant == "official"
+        self.fuse_y = self._fusion(channels, norm_layer, act_layer, factory) if official else None
         self.reset_parameters()
 
     @staticmethod
-    def _fusion(channels: int, norm: bool, act_layer: LayerSpec, factory: dict) -> nn.Sequential:
-        layers: list[nn.Module] = [nn.Conv2d(2 * channels, channels, 3, padding=1, bias=not norm, **factory)]
-        if norm:
-            layers.append(nn.BatchNorm2d(channels, **factory))
+    def _fusion(channels: int, norm_layer: NormLayer, act_layer: LayerSpec, factory: dict) -> nn.Sequential:
+        bias = norm_layer is None  # a norm right after the conv removes any bias
+        layers: list[nn.Module] = [nn.Conv2d(2 * channels, channels, 3, padding=1, bias=bias, **factory)]
+        if norm_layer is not None:
+            layers.append(create_norm(norm_layer, channels, **factory))
         layers.append(create_layer(act_layer, argument="act_layer"))
         return nn.Sequential(*layers)
 
@@ -164,8 +180,8 @@ class CoAttention(nn.Module):
         return_both: bool = False,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor | tuple[Tensor, Tensor], Tensor | dict[str, Tensor]]:
-        check_input(x, "x", "B C H W", C=self.channels)
-        check_input(y, "y", "B C H W", B=x.shape[0], C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
+        check_input(y, "y", "B C H W", B=x.shape[0], C=self.channels, dtype=x.dtype, dtype_source="x")
         # (B, C, H, W) -> (B, C, HW) -> (B, HW, C), contiguous for the fused kernel
         a = x.flatten(2).transpose(1, 2).contiguous()
         b = y.flatten(2).transpose(1, 2).contiguous()
@@ -174,21 +190,18 @@ class CoAttention(nn.Module):
         if self.variant == "official":
             # NOTE: deviates from the paper (official code): the x branch normalises twice
             logits = query_a @ b.transpose(1, 2)  # (B, HW_a, HW_b) = S^T
-            compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else None
-            over_a = torch.softmax(logits, dim=1, dtype=compute_dtype)  # softmax(S^T) per column j
-            weights_a = torch.softmax(over_a, dim=2)  # softmax over b of already normalised weights
+            over_a = masked_softmax(logits, dim=1)  # softmax(S^T) per column j
+            weights_a = masked_softmax(over_a, dim=2)  # softmax over b of already normalised weights
             z_a = weights_a.to(b.dtype) @ b  # (B, HW_a, HW_b) @ (B, HW_b, C) -> (B, HW_a, C)
             maps["x"] = weights_a
             if return_both:
                 z_b = over_a.transpose(1, 2).to(a.dtype) @ a  # (B, HW_b, HW_a) @ (B, HW_a, C)
                 maps["y"] = over_a.transpose(1, 2)
         else:
-            result = attend(query_a, b, b, score="dot", return_weights=return_attn)
-            z_a, maps["x"] = result if isinstance(result, tuple) else (result, None)
+            z_a, maps["x"] = attend_with_weights(query_a, b, b, score="dot", return_weights=return_attn)
             if return_both:
                 query_b = self._apply_weight(b, transpose=True)  # rows (W^T v_b,j)^T
-                result = attend(query_b, a, a, score="dot", return_weights=return_attn)
-                z_b, maps["y"] = result if isinstance(result, tuple) else (result, None)
+                z_b, maps["y"] = attend_with_weights(query_b, a, a, score="dot", return_weights=return_attn)
         out_a = self._fused(self.fuse, self._gated(z_a), x)
         if not return_both:
             return (out_a, maps["x"]) if return_attn else out_a

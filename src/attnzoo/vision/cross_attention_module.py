@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, Sizes, example_image, register
+from attnzoo.registry import Paper, Sample, Sizes, example_image, register
 
 __all__ = ["CrossAttentionModule"]
-
-VARIANTS = ("paper", "official")
 
 
 def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
@@ -28,6 +27,8 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
 
 @register(
     "cross_attention_module",
+    placement="head",
+    map_kind="spatial",
     family="non_local",
     paper=Paper("Cross Attention Network for Few-shot Classification", venue="NeurIPS 2019"),
     equation="R^p_ij = cos(P_i, Q_j); w = W2 relu(W1 mean_i R^p_i:) (m -> m/6 -> m); "
@@ -38,6 +39,9 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     "its row means and w-weighted sums factor through the normalised features)",
     notes="variant='official': BatchNorm after the first meta-fusion layer, as in cam.py (the paper "
     "writes W2 relu(W1 z))",
+    samples=(
+        Sample("variant=official", {"variant": "official"}),
+    ),
 )
 class CrossAttentionModule(nn.Module):
     """CAN's cross attention: reweight a class map and a query map by their mutual correlation.
@@ -86,15 +90,13 @@ class CrossAttentionModule(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         size = (spatial_size, spatial_size) if isinstance(spatial_size, int) else tuple(spatial_size)
         if len(size) != 2 or min(size) <= 0:
             raise ValueError(f"spatial_size: expected a positive int or (H, W), got {spatial_size!r}")
         if temperature <= 0:
             raise ValueError(f"temperature: expected a positive value, got {temperature}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        check_variant(variant)
         self.channels, self.spatial_size = channels, (int(size[0]), int(size[1]))
         self.positions = self.spatial_size[0] * self.spatial_size[1]  # m
         self.temperature, self.variant = temperature, variant
@@ -129,8 +131,7 @@ class CrossAttentionModule(nn.Module):
         # mean_j R_ij w_j = own_i . mean_j(w_j other_j): (B, 1, m) @ (B, m, C) -> (B, 1, C)
         context = (kernel.unsqueeze(1) @ other) / other.shape[1]
         logits = (own @ context.transpose(1, 2)).squeeze(-1)  # (B, m, C) @ (B, C, 1) -> (B, m)
-        compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else None
-        return torch.softmax(logits / self.temperature, dim=-1, dtype=compute_dtype)
+        return masked_softmax(logits / self.temperature)
 
     def forward(
         self,
@@ -140,8 +141,8 @@ class CrossAttentionModule(nn.Module):
         return_both: bool = False,
         return_attn: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor | tuple[Tensor, Tensor], Tensor | dict[str, Tensor]]:
-        check_input(x, "x", "B C H W", C=self.channels)
-        check_input(y, "y", "B C H W", B=x.shape[0], C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
+        check_input(y, "y", "B C H W", B=x.shape[0], C=self.channels, dtype=x.dtype, dtype_source="x")
         for name, t in (("x", x), ("y", y)):
             if tuple(t.shape[2:]) != self.spatial_size:
                 raise ValueError(

@@ -12,11 +12,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant
-from attnzoo.functional.attend import attend
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.functional.softmax import compute_dtype, masked_softmax
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, image_input, register
-from attnzoo.vision._spatial import from_tokens, softmax_float, to_tokens
+from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision._spatial import from_tokens, to_tokens
 
 __all__ = ["BRANCHES", "ChannelAttentionModule", "DualAttention", "PositionAttentionModule"]
 
@@ -63,12 +64,11 @@ class PositionAttentionModule(nn.Module):
         nn.init.zeros_(self.alpha)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         tokens = to_tokens(x)  # (B, C, H, W) -> (B, N, C), contiguous
         q, k, v = self.query(tokens), self.key(tokens), self.value(tokens)  # (B, N, C'), (B, N, C)
         # the paper's energy is the bare product B^T C: scale 1, not 1/sqrt(C')
-        result = attend(q, k, v, score="dot", scale=1.0, return_weights=return_attn)
-        attended, maps = result if isinstance(result, tuple) else (result, None)
+        attended, maps = attend_with_weights(q, k, v, score="dot", scale=1.0, return_weights=return_attn)
         out = x + self.alpha * from_tokens(attended, x.shape[2:])  # (B, N, C) -> (B, C, H, W)
         return out if maps is None else (out, maps)
 
@@ -108,13 +108,13 @@ class ChannelAttentionModule(nn.Module):
         nn.init.zeros_(self.beta)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         features = x.flatten(2)  # (B, C, H, W) -> (B, C, N), a view
-        compute = features.float() if x.dtype in (torch.float16, torch.bfloat16) else features
+        compute = features.to(compute_dtype(x.dtype))  # C x C sums over N positions: float32 for half
         energy = compute @ compute.transpose(1, 2)  # (B, C, N) @ (B, N, C) -> (B, C, C)
         if self.variant == "official":
             energy = energy.amax(dim=-1, keepdim=True) - energy
-        maps = softmax_float(energy, dim=-1)  # (B, C, C)
+        maps = masked_softmax(energy)  # (B, C, C)
         attended = (maps @ compute).to(x.dtype)  # (B, C, C) @ (B, C, N) -> (B, C, N)
         out = x + self.beta * attended.view_as(x)  # (B, C, N) -> (B, C, H, W)
         return (out, maps) if return_attn else out
@@ -122,6 +122,9 @@ class ChannelAttentionModule(nn.Module):
 
 @register(
     "danet",
+    placement="stage",
+    map_kind="mixed",
+    linear_memory=True,
     family="non_local",
     paper=Paper("Dual Attention Network for Scene Segmentation", "1809.02983"),
     equation="PAM: E_j = alpha sum_i softmax_i(B_i . C_j) D_i + A_j; CAM: E_j = beta sum_i "
@@ -133,6 +136,11 @@ class ChannelAttentionModule(nn.Module):
     notes="cam_variant='official': softmax(max - energy) as in the official CAM_Module; "
     "branches=('position',) or ('channel',) for one module alone. The segmentation head's 3x3 "
     "conv/BN/ReLU layers around each module are not part of the mechanism.",
+    samples=(
+        Sample("branches=position", {"branches": ("position",)}),
+        Sample("branches=channel", {"branches": ("channel",)}),
+        Sample("cam_variant=official", {"cam_variant": "official"}),
+    ),
 )
 class DualAttention(nn.Module):
     """DANet's position and channel attention modules, summed.
@@ -167,8 +175,7 @@ class DualAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         if isinstance(branches, str):
             branches = (branches,)
         branches = tuple(branches)
@@ -189,7 +196,7 @@ class DualAttention(nn.Module):
         return f"channels={self.channels}, branches={self.branches}"
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         outputs: list[Tensor] = []
         maps: dict[str, Tensor] = {}
         for name, module in (("position", self.pam), ("channel", self.cam)):

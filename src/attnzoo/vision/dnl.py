@@ -12,11 +12,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_variant
-from attnzoo.functional.attend import attend
+from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, image_input, register
-from attnzoo.vision._spatial import softmax_float, to_tokens
+from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision._spatial import to_tokens
 
 __all__ = ["DisentangledNonLocal"]
 
@@ -25,6 +26,9 @@ Variant = Literal["paper", "official"]
 
 @register(
     "dnl",
+    placement="stage",
+    map_kind="mixed",
+    linear_memory=True,
     family="non_local",
     paper=Paper("Disentangled Non-Local Neural Networks", "2006.06668"),
     equation="w_ij = softmax_j((q_i - mu_q)^T (k_j - mu_k) / tau) + softmax_j(W_m x_j); "
@@ -36,6 +40,10 @@ Variant = Literal["paper", "official"]
     notes="variant='official' scales the pairwise logits by 1/sqrt(C') and uses temperature 0.05 "
     "(mmsegmentation's DNLHead defaults); the unary conv has no bias (a softmax over positions "
     "cancels it), nor do theta and phi (whitening cancels theirs).",
+    samples=(
+        Sample("variant=official", {"variant": "official"}),
+        Sample("norm=False", {"norm": False}),
+    ),
 )
 class DisentangledNonLocal(nn.Module):
     """Disentangled non-local (DNL) block.
@@ -88,8 +96,7 @@ class DisentangledNonLocal(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         check_variant(variant)
         official = variant == "official"
         temperature = (0.05 if official else 1.0) if temperature is None else temperature
@@ -130,7 +137,7 @@ class DisentangledNonLocal(nn.Module):
         )
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels)
+        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels, dtype=parameter_dtype(self))
         spatial = x.shape[2:]
         tokens = to_tokens(x)  # (B, C, *S) -> (B, N, C), contiguous
         query, key = self.theta(tokens), self.phi(tokens)  # (B, N, C')
@@ -139,10 +146,11 @@ class DisentangledNonLocal(nn.Module):
         key = key - key.mean(dim=1, keepdim=True)
         value = self.g(tokens)  # (B, N, C')
         scale = (self.inner**-0.5 if self.use_scale else 1.0) / self.temperature
-        result = attend(query, key, value, score="dot", scale=scale, return_weights=return_attn)
-        pairwise_out, pairwise = result if isinstance(result, tuple) else (result, None)
+        pairwise_out, pairwise = attend_with_weights(
+            query, key, value, score="dot", scale=scale, return_weights=return_attn
+        )
         # unary term: one softmax over positions shared by every query, i.e. a global pooling
-        unary = softmax_float(self.unary(tokens).squeeze(-1), dim=-1)  # (B, N, 1) -> (B, N)
+        unary = masked_softmax(self.unary(tokens).squeeze(-1))  # (B, N, 1) -> (B, N)
         # (B, 1, N) @ (B, N, C') -> (B, 1, C'), broadcast to every position i
         unary_out = unary.to(value.dtype).unsqueeze(1) @ value
         y = pairwise_out + unary_out  # (B, N, C')

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import attend
-from attnzoo.registry import Paper, image_input, register
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["GeneralizedAttention", "relative_position_embedding"]
 
@@ -71,6 +71,9 @@ def _parse_terms(attention_type: str) -> tuple[bool, bool, bool, bool]:
 
 @register(
     "generalized_attention",
+    placement="stage",
+    map_kind="pairwise",
+    linear_memory=True,
     family="non_local",
     paper=Paper("An Empirical Study of Spatial Attention Mechanisms in Deep Networks", "1904.05873"),
     equation="y_q = x_q + gamma * sum_m W_m sum_k A_m(q, k) W'_m x_k, A_m ∝ exp(sum_j beta_j E_j): "
@@ -82,6 +85,10 @@ def _parse_terms(attention_type: str) -> tuple[bool, bool, bool, bool]:
     "without maps (fused kernel; the E2/E4 logits stay factorised), O(B M HW H'W') with return_attn",
     notes="mmcv-compatible parameter names; no q_stride or spatial_range (mmcv's local window); "
     "mmcv's E2-without-E4 branch pairs the y-offset term with the transposed query, this one does not",
+    samples=(
+        *(Sample(f"attention_type={t}", {"attention_type": t}) for t in ("1000", "0100", "0010", "0001")),
+        Sample("kv_stride=1", {"kv_stride": 1}),
+    ),
 )
 class GeneralizedAttention(nn.Module):
     """Generalized attention: any subset of the four attention factors E1..E4, multi-head.
@@ -139,8 +146,7 @@ class GeneralizedAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         if num_heads <= 0 or channels // num_heads == 0:
             raise ValueError(
                 f"num_heads: expected 1..{channels} heads for {channels} channels, got {num_heads}"
@@ -232,7 +238,7 @@ class GeneralizedAttention(nn.Module):
         return feat_x.view(w, wk, heads, d), feat_y.view(h, hk, heads, d)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         batch, _, h, w = x.shape
         heads, d = self.num_heads, self.head_dim
         e1, e2, e3, e4 = self.terms
@@ -248,10 +254,7 @@ class GeneralizedAttention(nn.Module):
             # key content only: one map shared by every query, computed once (as mmcv does)
             assert self.appr_bias is not None and k is not None
             u = self.appr_bias.view(1, heads, 1, d).expand(batch, heads, 1, d)
-            if return_attn:
-                shared, weights = attend(u, k, v, score="dot", return_weights=True)
-            else:
-                shared, weights = attend(u, k, v, score="dot"), None
+            shared, weights = attend_with_weights(u, k, v, score="dot", return_weights=return_attn)
             context = shared.expand(batch, heads, h * w, d)  # (B, M, 1, d) -> (B, M, HW, d)
             if weights is not None:
                 weights = weights.expand(batch, heads, h * w, hk * wk)
@@ -295,10 +298,7 @@ class GeneralizedAttention(nn.Module):
                 k_parts.append(codes.expand(batch, heads, hk * wk, wk + hk))
             q_all = torch.cat(q_parts, dim=-1) if len(q_parts) > 1 else q_parts[0]
             k_all = torch.cat(k_parts, dim=-1) if len(k_parts) > 1 else k_parts[0]
-            if return_attn:
-                context, weights = attend(q_all, k_all, v, score="dot", return_weights=True)
-            else:
-                context, weights = attend(q_all, k_all, v, score="dot"), None
+            context, weights = attend_with_weights(q_all, k_all, v, score="dot", return_weights=return_attn)
 
         # (B, M, HW, d) -> (B, HW, M, d) -> (B, HW, M d)
         merged = context.transpose(1, 2).reshape(batch, h * w, heads * d)

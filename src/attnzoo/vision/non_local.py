@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input
-from attnzoo.functional.attend import attend
+from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
+from attnzoo.functional.softmax import compute_dtype
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import (
     SPATIAL_LAYOUTS,
     check_poolable,
@@ -37,11 +38,6 @@ __all__ = ["PAIRWISE_FUNCTIONS", "NonLocalBlock", "relu_pair_sum"]
 
 Pairwise = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
 PAIRWISE_FUNCTIONS: tuple[str, ...] = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    # sums over all N positions overflow float16 and lose bfloat16's 8 bits: accumulate in float32
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 def relu_pair_sum(a: Tensor, b: Tensor, values: Tensor) -> Tensor:
@@ -62,7 +58,8 @@ def relu_pair_sum(a: Tensor, b: Tensor, values: Tensor) -> Tensor:
     Returns:
         (B, N_q, D) in float32 for half-precision ``values``, else in their dtype.
     """
-    dtype = _compute_dtype(values)
+    # sums over all N positions overflow float16 and lose bfloat16's 8 bits: accumulate in float32
+    dtype = compute_dtype(values.dtype)
     a, b, values = a.to(dtype), b.to(dtype), values.to(dtype)
     batch, n_k, width = values.shape
     n_q = a.shape[1]
@@ -80,6 +77,9 @@ def relu_pair_sum(a: Tensor, b: Tensor, values: Tensor) -> Tensor:
 
 @register(
     "non_local",
+    placement="stage",
+    map_kind="pairwise",
+    linear_memory=True,
     family="non_local",
     paper=Paper("Non-local Neural Networks", "1711.07971"),
     equation="y_i = (1/C(x)) sum_j f(x_i, x_j) g(x_j); z_i = BN(W_z y_i) + x_i; default embedded "
@@ -92,6 +92,13 @@ def relu_pair_sum(a: Tensor, b: Tensor, values: Tensor) -> Tensor:
     notes="official options: use_scale=True (embedded-Gaussian logits / sqrt(C'), mmcv's and the "
     "video code's default), sub_sample=True (max-pool phi and g), norm=False (zero-init W_z instead "
     "of BN, mmcv's default). Key bias dropped where the softmax makes it a no-op.",
+    samples=(
+        *(Sample(f"pairwise={f}", {"pairwise": f}) for f in ("gaussian", "dot_product", "concatenation")),
+        *(
+            Sample(f"pairwise={f},sub_sample", {"pairwise": f, "sub_sample": True})
+            for f in ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+        ),
+    ),
 )
 class NonLocalBlock(nn.Module):
     """Non-local block: every position attends to every position, residual added.
@@ -152,8 +159,7 @@ class NonLocalBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         if pairwise not in PAIRWISE_FUNCTIONS:
             raise ValueError(f"pairwise: expected one of {PAIRWISE_FUNCTIONS}, got {pairwise!r}")
         if use_scale and pairwise != "embedded_gaussian":
@@ -212,12 +218,11 @@ class NonLocalBlock(nn.Module):
         n_keys = key.shape[1]
         if self.pairwise in ("embedded_gaussian", "gaussian"):
             scale = query.shape[-1] ** -0.5 if self.use_scale else 1.0
-            if return_attn:
-                y, maps = attend(query, key, value, score="dot", scale=scale, return_weights=True)
-                return y, maps
-            return attend(query, key, value, score="dot", scale=scale), None
+            return attend_with_weights(
+                query, key, value, score="dot", scale=scale, return_weights=return_attn
+            )
 
-        dtype = _compute_dtype(value)
+        dtype = compute_dtype(value.dtype)
         q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
         if self.pairwise == "dot_product":
             if return_attn:
@@ -238,7 +243,7 @@ class NonLocalBlock(nn.Module):
         return (relu_pair_sum(a, b, v) / n_keys).to(value.dtype), None
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels)
+        check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels, dtype=parameter_dtype(self))
         spatial = x.shape[2:]
         kernel = subsample_kernel(len(spatial))
         if self.sub_sample:

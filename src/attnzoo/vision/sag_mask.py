@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant
+from attnzoo._checks import check_input, check_variant, parameter_dtype
 from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, Sizes, image_input, register
+from attnzoo.registry import Paper, Sample, Sizes, image_input, register
 
 __all__ = ["SAGMask"]
 
@@ -25,6 +25,9 @@ ROI_SIDE = 14
 
 @register(
     "sag_mask",
+    placement="head",
+    map_kind="spatial",
+    linear_memory=True,
     family="gating",
     paper=Paper("CenterMask: Real-Time Anchor-Free Instance Segmentation", "1911.06667"),
     equation="X = relu(conv3x3)^4(RoI); A = sigmoid(conv3x3([max_c X; mean_c X])); X_sag = A * X; "
@@ -37,6 +40,9 @@ ROI_SIDE = 14
     "(D conv channels, K classes)",
     notes="a mask head: (B, C, 14, 14) RoI features -> (B, classes, 28, 28) mask logits; "
     "variant='official' pools [mean; max] (the authors' code) instead of the paper's [max; mean]",
+    samples=(
+        Sample("variant=official", {"variant": "official"}),
+    ),
 )
 class SAGMask(nn.Module):
     """Spatial attention-guided mask head: conv stack, spatial attention, 2x upsampling, class masks.
@@ -132,7 +138,7 @@ class SAGMask(nn.Module):
         return self.gate(self.attn_conv(torch.cat(maps, dim=1)))
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         features = self.convs(x)
         weights = self.attention(features)
         attended = features * weights

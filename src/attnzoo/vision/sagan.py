@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from attnzoo._checks import check_input, check_variant
-from attnzoo.functional.attend import attend
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.functional.attend import attend_with_weights
 from attnzoo.layers import reduced_width
-from attnzoo.registry import Paper, image_input, register
+from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import check_poolable, from_tokens, max_pool_tokens, to_tokens
 
 __all__ = ["SAGANAttention"]
@@ -27,6 +27,9 @@ _POOL = (2, 2)
 
 @register(
     "sagan",
+    placement="stage",
+    map_kind="pairwise",
+    linear_memory=True,
     family="non_local",
     paper=Paper("Self-Attention Generative Adversarial Networks", "1805.08318"),
     equation="beta_{j,i} = softmax_i(f(x_i)^T g(x_j)); o_j = v(sum_i beta_{j,i} h(x_i)); "
@@ -38,6 +41,11 @@ _POOL = (2, 2)
     notes="variant='official': h to C/2 and keys/values max-pooled 2x2 (the official code). "
     "spectral_norm=True wraps the four 1x1 convs in torch's spectral_norm parametrization: off by "
     "default because parametrized modules cannot be pickled (state_dict works).",
+    samples=(
+        Sample("subsample", {"subsample": True}, description="2x2 max-pooled keys and values"),
+        Sample("variant=official", {"variant": "official"}),
+        Sample("spectral_norm", {"spectral_norm": True}),
+    ),
 )
 class SAGANAttention(nn.Module):
     """SAGAN self-attention: softmax attention over all positions, gated residual.
@@ -85,8 +93,7 @@ class SAGANAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive count, got {channels}")
+        check_positive(channels=channels)
         check_variant(variant)
         official = variant == "official"
         self.channels, self.variant = channels, variant
@@ -120,7 +127,7 @@ class SAGANAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         spatial = x.shape[2:]
         if self.subsample:
             check_poolable(x, "x", _POOL)
@@ -132,8 +139,9 @@ class SAGANAttention(nn.Module):
             key = max_pool_tokens(key, spatial, _POOL)  # (B, N/4, C/8)
             value = max_pool_tokens(value, spatial, _POOL)  # (B, N/4, C-bar_h)
         # the paper's logits are the bare dot product: no 1/sqrt(d) scale
-        result = attend(query, key, value, score="dot", scale=1.0, return_weights=return_attn)
-        attended, maps = result if isinstance(result, tuple) else (result, None)
+        attended, maps = attend_with_weights(
+            query, key, value, score="dot", scale=1.0, return_weights=return_attn
+        )
         o = from_tokens(self.v(attended), spatial)  # (B, N, C) -> (B, C, H, W)
         out = x + self.gamma * o
         if maps is None:

@@ -12,22 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant
-from attnzoo.layers import LayerSpec, create_layer
-from attnzoo.registry import Paper, image_input, register
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo.layers import LayerSpec, NormLayer, create_layer, create_norm
+from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["SelfCalibratedConv"]
 
 Variant = Literal["paper", "official"]
 
 
-def _positive(value: int, name: str) -> None:
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
-
-
 @register(
     "scconv",
+    placement="conv",
+    map_kind="spatial",
+    linear_memory=True,
     family="gating",
     paper=Paper("Improving Convolutional Networks with Self-Calibrated Convolutions", venue="CVPR 2020"),
     equation="[X1, X2] = X; T1 = AvgPool_r(X1); X1' = Up(K2(T1)); Y1 = K4(K3(X1) * sigmoid(X1 + X1')); "
@@ -38,6 +36,10 @@ def _positive(value: int, name: str) -> None:
     notes="Up is bilinear as in the paper; variant='official' upsamples by nearest neighbour "
     "(F.interpolate's default in the official code) and feeds the FIRST half to the plain conv K1, "
     "putting its output first",
+    samples=(
+        Sample("variant=official", {"variant": "official"}),
+        Sample("pooling_r=2", {"pooling_r": 2}),
+    ),
 )
 class SelfCalibratedConv(nn.Module):
     """Self-calibrated convolution: a plain 3x3 conv on one half, a self-calibrated one on the other.
@@ -50,7 +52,7 @@ class SelfCalibratedConv(nn.Module):
     K4 carry the stride.
 
     Each K_i is followed by BN, as in the official code (the paper's equations leave
-    normalisation out; ``norm=False`` gives the bare equations, with conv biases). The official
+    normalisation out; ``norm_layer=None`` gives the bare equations, with conv biases). The official
     bottleneck applies ReLU to both halves after the SC conv; that activation is part of this
     module (``act_layer``), so that, like ``sk`` and ``split_attention``, it replaces the
     conv-BN-ReLU of a bottleneck.
@@ -61,7 +63,8 @@ class SelfCalibratedConv(nn.Module):
         pooling_r: r, the average-pooling window and stride (paper: 4). Sides shorter than r are
             pooled whole.
         groups: group count of each K_i (1 in SCNet; the cardinality in SCNeXt); must divide C/2.
-        norm: BN after each K_i (default, as in the official code).
+        norm_layer: the normalisation after each K_i, called as ``norm_layer(C / 2)`` (default
+            BatchNorm, as in the official code; None: the bare equations, convs with bias).
         act_layer: the activation applied to the output (default ReLU; None for the bare SC conv).
         variant: ``"paper"`` (bilinear Up; first half calibrated, Y = [Y1, Y2]) or ``"official"``
             (nearest-neighbour Up as in the official ``F.interpolate`` call; the first half takes
@@ -80,17 +83,14 @@ class SelfCalibratedConv(nn.Module):
         *,
         pooling_r: int = 4,
         groups: int = 1,
-        norm: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         act_layer: LayerSpec = "relu",
         variant: Variant = "paper",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive(channels, "channels")
-        _positive(stride, "stride")
-        _positive(pooling_r, "pooling_r")
-        _positive(groups, "groups")
+        check_positive(channels=channels, stride=stride, pooling_r=pooling_r, groups=groups)
         if channels % 2:
             raise ValueError(f"channels: expected an even width (split into two halves), got {channels}")
         half = channels // 2
@@ -101,10 +101,11 @@ class SelfCalibratedConv(nn.Module):
         factory = {"device": device, "dtype": dtype}
 
         def conv_bn(conv_stride: int) -> nn.Sequential:
+            bias = norm_layer is None  # a norm right after the conv removes any bias
             conv = nn.Conv2d(
-                half, half, 3, stride=conv_stride, padding=1, groups=groups, bias=not norm, **factory
+                half, half, 3, stride=conv_stride, padding=1, groups=groups, bias=bias, **factory
             )
-            return nn.Sequential(conv, nn.BatchNorm2d(half, **factory) if norm else nn.Identity())
+            return nn.Sequential(conv, create_norm(norm_layer, half, **factory))
 
         self.k1 = conv_bn(stride)
         self.k2 = conv_bn(1)
@@ -113,7 +114,7 @@ class SelfCalibratedConv(nn.Module):
         self.act = create_layer(act_layer, argument="act_layer")
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, "x", "B C H W", C=self.channels)
+        check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         official = self.variant == "official"
         first, second = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
         plain, calib = (first, second) if official else (second, first)
