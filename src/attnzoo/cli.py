@@ -354,7 +354,10 @@ def _translate_variants(config: Any, workers: int | None) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CliError("--compare runs its variants in worker processes; run it without torchrun")
-    rows = compare_variants(config, workers=workers)
+    try:
+        rows = compare_variants(config, workers=workers)
+    except (ValueError, KeyError) as error:
+        raise CliError(str(error.args[0]) if error.args else str(error)) from None
     table = variants_table(rows)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)

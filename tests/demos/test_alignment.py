@@ -137,3 +137,18 @@ def test_translate_alignment_error_of_an_oracle_is_near_zero_and_of_a_shifted_on
     assert oracle < 0.25
     shifted = alignment_error(_OracleAttention(pairs, shift=1), pairs, batch_size=5)
     assert shifted > 0.7 > oracle
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 10, 100])
+def test_one_cycle_schedule_runs_for_any_number_of_steps(steps: int) -> None:
+    """torch's OneCycleLR divides by zero when 20% of the steps round to no warm-up step."""
+    from attnzoo.demos.distributed import one_cycle
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=0.1)
+    scheduler = one_cycle(optimizer, 0.1, steps)
+    rates = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(r > 0 for r in rates)

@@ -41,6 +41,7 @@ from attnzoo.demos.distributed import (
     DistInfo,
     cleanup_distributed,
     init_distributed,
+    one_cycle,
     prepare_model,
     train_epoch,
 )
@@ -432,9 +433,7 @@ def train_model(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused
     )
     steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
-    )
+    scheduler = one_cycle(optimizer, config.lr, config.epochs * steps_per_epoch)
     order_generator = torch.Generator().manual_seed(seed)
     train_x = data.train_x.to(info.device).contiguous(memory_format=layout)
     train_y = data.train_y.to(info.device)

@@ -28,6 +28,7 @@ __all__ = [
     "cleanup_distributed",
     "convert_batchnorm",
     "init_distributed",
+    "one_cycle",
     "prepare_model",
     "shard_slice",
     "shard_weight",
@@ -198,3 +199,20 @@ def train_epoch(
         dist.all_reduce(sums)  # every rank reports the mean over all items
         total, seen = float(sums[0]), int(sums[1])
     return total / max(seen, 1)
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The demos' one-cycle schedule: 20% warm-up, at least one step of it and one of decay.
+
+    torch's ``OneCycleLR`` divides by the length of each phase: with a fixed 20% warm-up, a run of
+    five steps or fewer (``--epochs 1`` on a small training set) has a warm-up of zero steps and
+    fails with a ZeroDivisionError.
+    """
+    total_steps = max(total_steps, 2)
+    # warm-up ends at pct * total - 1 steps: strictly between 0 and total - 1 for every total >= 2
+    pct_start = min(max(0.2, 1.5 / total_steps), 0.75)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start
+    )

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from attnzoo._progress import Progress
 from attnzoo.demos.alignment import alignment_error_rate, links_from_weights
 from attnzoo.demos.dates import BOS, EOS, PAD, DatePairs, date_pairs
-from attnzoo.demos.distributed import cleanup_distributed, init_distributed, prepare_model, train_epoch
+from attnzoo.demos.distributed import (
+    cleanup_distributed,
+    init_distributed,
+    one_cycle,
+    prepare_model,
+    train_epoch,
+)
 from attnzoo.demos.parallel import plan_workers, run_jobs
 
 __all__ = [
@@ -87,6 +93,13 @@ def build_model(config: TranslateConfig, pairs: DatePairs) -> nn.Module:
         window=5,  # sources are at most ~40 characters: a +-5 window covers a date field
         cell=config.cell,
         padding_idx=PAD,
+        # Luong's location score predicts one weight per source position: as many rows as the
+        # longest source has characters, plus its </s>
+        max_source_len=(
+            max(map(len, pairs.train_sources + pairs.test_sources)) + 1
+            if config.score == "location"
+            else None
+        ),
     )
 
 
@@ -147,9 +160,7 @@ def run_translate(config: TranslateConfig) -> tuple[TranslateResult, nn.Module, 
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         steps = -(-len(src) // config.batch_size) * config.epochs
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2
-        )
+        scheduler = one_cycle(optimizer, config.lr, steps)
         generator = torch.Generator().manual_seed(config.seed)
 
         def loss_fn(idx: Tensor) -> Tensor:
