@@ -21,6 +21,7 @@ import torch
 
 import attnzoo
 from attnzoo._progress import Progress
+from attnzoo.demos import DEFAULT_MECHANISMS  # the package only: --help stays light
 from attnzoo.registry import ModuleSpec, get_spec, list_modules
 
 __all__ = ["main"]
@@ -300,22 +301,52 @@ def _setting(text: str) -> tuple[str, dict[str, Any]]:
     return name, {key: value}
 
 
+#: Options of `attnzoo compare` that belong to some tasks only (given for another task, they are an
+#: error rather than silently ignored). Each task's module reads its own.
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "image_size": ("classification",),
+    "depth": ("classification",),
+    "width": ("classification",),
+}
+
+
+def _check_task_options(args: argparse.Namespace) -> None:
+    for option, tasks in TASK_OPTIONS.items():
+        if getattr(args, option, None) is not None and args.task not in tasks:
+            flag = "--" + option.replace("_", "-")
+            raise CliError(f"{flag} applies to --task {' or '.join(tasks)}, not to --task {args.task}")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     _require_demo("compare")
+    _check_task_options(args)
+    if args.task == "segmentation":
+        from attnzoo.demos.segmentation import compare_from_args
+    elif args.task == "sequence":
+        from attnzoo.demos.sequence_compare import compare_from_args
+    else:
+        compare_from_args = _compare_classification
+    try:
+        return int(compare_from_args(args))
+    except (ValueError, KeyError) as error:
+        raise CliError(str(error.args[0]) if error.args else str(error)) from None
+
+
+def _compare_classification(args: argparse.Namespace) -> int:
     from attnzoo.demos.compare import CompareConfig, check_config, comparison_table, run_compare, write_report
 
     config = CompareConfig(
-        mechanisms=args.mechanisms,
-        epochs=args.epochs,
+        mechanisms=args.mechanisms or list(DEFAULT_MECHANISMS),
+        epochs=args.epochs or 8,
         seeds=args.seeds,
-        image_size=args.image_size,
-        depth=args.depth,
-        width=args.width,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        image_size=args.image_size or 32,
+        depth=8 if args.depth is None else args.depth,
+        width=args.width or 16,
+        batch_size=args.batch_size or 32,
+        lr=5e-3 if args.lr is None else args.lr,
         data=args.data,
         limit=args.limit,
-        output=args.output,
+        output=args.output or "reports/compare",
         threads=args.threads,
         workers=args.workers,
         device=args.device,
@@ -332,12 +363,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 f"({', '.join(config.mechanisms)})"
             )
         config.attention_kwargs.setdefault(name, {}).update(options)
-    try:
-        check_config(config)  # names, options and their types, device: in a moment, before the data
-        _output_folder(config.output)
-        results, data, maps = run_compare(config)  # checks every network on the data, then trains
-    except (ValueError, KeyError) as error:
-        raise CliError(str(error.args[0]) if error.args else str(error)) from None
+    check_config(config)  # names, options and their types, device: in a moment, before the data
+    _output_folder(config.output)
+    results, data, maps = run_compare(config)  # checks every network on the data, then trains
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
     report = write_report(results, data, maps, config)
@@ -488,29 +516,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
-    from attnzoo.demos import DEFAULT_MECHANISMS  # the package only: --help stays light
-
     p = sub.add_parser(
         "compare",
-        help="train the same ResNet with each mechanism and report accuracy, cost and attention maps",
+        help="train the same network with each mechanism and report accuracy, cost and attention maps",
+    )
+    p.add_argument(
+        "--task",
+        choices=("classification", "segmentation", "sequence"),
+        default="classification",
+        help="classification: a ResNet on images (default); segmentation: a dilated ResNet with an "
+        "FCN head, per-pixel classes; sequence: a Transformer encoder on long-range sequence tasks",
     )
     p.add_argument(
         "--mechanisms",
         type=_names,
-        default=list(DEFAULT_MECHANISMS),
-        help=f"comma-separated names; 'none' is the plain network (default: {','.join(DEFAULT_MECHANISMS)})",
+        help="comma-separated names; 'none' is the plain network (default for classification: "
+        f"{','.join(DEFAULT_MECHANISMS)})",
     )
-    p.add_argument("--epochs", type=_positive, default=8)
+    p.add_argument("--epochs", type=_positive, help="default: 8 for classification")
     p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
-    p.add_argument("--image-size", type=_positive, default=32)
-    p.add_argument("--depth", type=int, default=8, help="ResNet depth: 8, 14, 20, 32, ... or 18, 34, 50")
-    p.add_argument("--width", type=_positive, default=16, help="first-stage width (default 16)")
-    p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--data", help="an image folder with one sub-folder per class (default: cluttered digits)")
-    p.add_argument("--limit", type=_positive, help="use at most this many training images")
+    p.add_argument("--image-size", type=_positive, help="classification: default 32")
     p.add_argument(
-        "--output", "-o", default="reports/compare", help="report folder (default reports/compare)"
+        "--depth", type=int, help="classification: ResNet depth 8 (default), 14, 20, 32, ... or 18, 34, 50"
+    )
+    p.add_argument("--width", type=_positive, help="classification: first-stage width (default 16)")
+    p.add_argument("--batch-size", type=_positive, help="default: 32 for classification")
+    p.add_argument("--lr", type=float, help="default: 5e-3 for classification")
+    p.add_argument(
+        "--data",
+        help="classification: an image folder with one sub-folder per class (default: cluttered digits)",
+    )
+    p.add_argument("--limit", type=_positive, help="use at most this many training examples")
+    p.add_argument(
+        "--output", "-o", help="report folder (default reports/compare, reports/compare-TASK for the others)"
     )
     p.add_argument("--threads", type=_positive, help="torch threads in all (default: one per core)")
     p.add_argument(
