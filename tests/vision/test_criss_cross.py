@@ -178,3 +178,26 @@ def test_functional_form_on_tiny_maps():
 def test_constructor_errors_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CrissCrossAttention(**kwargs)
+
+
+def test_fused_projection_equals_the_three_convolutions():
+    """q, k and v come from one GEMM of the stacked 1x1 weights; each equals its own convolution."""
+    module = randomised(CrissCrossAttention(16, dtype=F64))
+    x = torch.randn(2, 16, 5, 3, dtype=F64)
+    for got, conv in zip(module.project(x), (module.query_conv, module.key_conv, module.value_conv)):
+        torch.testing.assert_close(got, conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_compacted_gradients_equal_autograd(monkeypatch):
+    """Eager training copies the aggregation's incoming gradient compact: the gradients to x and to
+    every parameter are those of the plain graph (float64, two recurrences)."""
+    import attnzoo.vision.criss_cross as module_file
+
+    module = randomised(CrissCrossAttention(16, dtype=F64))
+    x = torch.randn(2, 16, 5, 4, dtype=F64, requires_grad=True)
+    inputs = (x, *module.parameters())
+    got = torch.autograd.grad(module(x).square().sum(), inputs)
+    monkeypatch.setattr(module_file, "_compact_gradient", lambda t: t)
+    expected = torch.autograd.grad(module(x).square().sum(), inputs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

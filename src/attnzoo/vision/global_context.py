@@ -24,6 +24,72 @@ Fusion = Literal["add", "scale", "scale_add"]
 FUSIONS: tuple[str, ...] = ("add", "scale", "scale_add")
 
 
+def _attention_pool(x: Tensor, key_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_j alpha_j x_j`` with ``alpha = softmax_j(W_k x_j)``: (B, C) context, (B, HW) alpha.
+
+    alpha is in float32 for half-precision inputs (the softmax's dtype), the context in x's.
+    """
+    flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
+    # W_k x_j for every position, as a 1x1 conv: (B, C, H, W) -> (B, 1, H, W) -> (B, HW). NOTE: not
+    # matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first
+    logits = F.conv2d(x, key_weight[:, :, None, None]).flatten(1)
+    weights = masked_softmax(logits)
+    # (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (B, C)
+    context = torch.matmul(flat, weights.to(x.dtype).unsqueeze(-1)).squeeze(-1)
+    return context, weights
+
+
+def _exporting() -> bool:
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
+class _AttentionPool(torch.autograd.Function):
+    """:func:`_attention_pool` with a hand-written backward that writes x's gradient once.
+
+    Autograd's backward of the plain operators gives x two full-size gradients of rank 1 per
+    image, ``g_c alpha^T`` from the pooling product and ``W_k^T g_logits`` from the 1x1 conv,
+    each a fresh buffer, and sums them with the block's residual gradient out of place (two more
+    full-size buffers); its ``x^T g_c`` is a matrix-vector product on the transposed x, 14x
+    slower here than the same sum read along x's rows. This backward forms the rank-2 gradient in
+    one buffer (which autograd then accumulates the residual's gradient into, in place) and
+    reads x along its rows in both reductions. It saves x, W_k and alpha, as autograd does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, key_weight: Tensor
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        context, weights = _attention_pool(x, key_weight)
+        ctx.save_for_backward(x, key_weight, weights)
+        return context, weights
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_context: Tensor | None, grad_weights: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        x, key_weight, weights = ctx.saved_tensors  # type: ignore[attr-defined]
+        flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
+        if grad_context is None:
+            grad_context = x.new_zeros(x.shape[:2])
+        # d loss / d alpha_j = g_c . x_j (+ the weights' own gradient): (B, 1, C) @ (B, C, HW) -> (B, HW)
+        grad_alpha = torch.bmm(grad_context.unsqueeze(1), flat).squeeze(1).to(weights.dtype)
+        if grad_weights is not None:
+            grad_alpha = grad_alpha + grad_weights
+        # softmax backward, in the softmax's dtype: alpha_j (g_j - sum_m alpha_m g_m)
+        grad_logits = weights * (grad_alpha - (weights * grad_alpha).sum(-1, keepdim=True))  # (B, HW)
+        grad_logits = grad_logits.to(x.dtype)
+        grad_x = grad_key = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            # g_c alpha^T + W_k^T g_logits, rank 2 per image: (B, C, 2) @ (B, 2, HW) -> (B, C, HW)
+            left = torch.stack([grad_context, key_weight.expand_as(grad_context)], -1)
+            right = torch.stack([weights.to(x.dtype), grad_logits], 1)
+            grad_x = torch.bmm(left, right).view_as(x)
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            # sum over images and positions of g_logits_j x_j: (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (1, C)
+            grad_key = torch.bmm(flat, grad_logits.unsqueeze(-1)).sum(0).t()
+        return grad_x, grad_key
+
+
 @register(
     "gc",
     placement="residual",
@@ -157,20 +223,18 @@ class GlobalContext(nn.Module):
 
     def pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The context vector sum_j alpha_j x_j, (B, C), and the pooling weights alpha, (B, HW)."""
-        flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
         if self.key is None:
+            flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
             context = flat.mean(dim=-1)
             weights = torch.full_like(flat[:, 0], 1.0 / flat.shape[-1])  # (B, HW), uniform
             return context, weights
-        # W_k x_j for every position, as a 1x1 conv: (B, C, H, W) -> (B, 1, H, W) -> (B, HW). NOTE: not
-        # matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first;
-        # and on x, not on its view `flat`: the gradients of the two uses of `flat` would be summed
-        # out of place (one full-size add more in the backward) before reaching x
-        logits = F.conv2d(x, self.key.weight[:, :, None, None]).flatten(1)
-        weights = masked_softmax(logits)
-        # (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (B, C)
-        context = torch.matmul(flat, weights.to(x.dtype).unsqueeze(-1)).squeeze(-1)
-        return context, weights
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.key.weight.requires_grad)
+        if needs_grad and not (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()):
+            # eager training: the hand-written backward (traced, compiled and exported graphs see
+            # the plain operators)
+            context, weights = _AttentionPool.apply(x, self.key.weight)
+            return context, weights
+        return _attention_pool(x, self.key.weight)
 
     def transform(self, context: Tensor) -> Tensor:
         """W_v2 ReLU(LN(W_v1 c)), (B, C) -> (B, C) (for ``"scale_add"``: the added term)."""
