@@ -3,7 +3,8 @@
 Each mechanism runs beside the way its peers compute it, with the same weights, in one run:
 
 - ``sasa`` against an unfold implementation (keys and values copied k^2 = 49 times, the border
-  keys masked), at the issue's (8, 128, 56, 56), k = 7, 8 heads;
+  keys masked), at the issue's (8, 128, 56, 56), k = 7, 8 heads (halo tiles through the fused
+  kernel), and with 16 heads of 8 dimensions (``sasa_small_heads``: shift-and-accumulate);
 - ``aa_conv`` against the materialised (B, N_h, HW, HW) logits with the relative logits gathered
   into them (the paper's "relative to absolute" result), at 64 x 64;
 - ``conv_as_attention`` against the official code's batch-shared dense (N_h, HW, HW) positional
@@ -182,6 +183,13 @@ def build_sasa(quick: bool) -> tuple[nn.Module, Tensor]:
     return SASA(shape[1], kernel_size=7, num_heads=8), _input(shape)
 
 
+def build_sasa_small_heads(quick: bool) -> tuple[nn.Module, Tensor]:
+    """8-dimensional heads (128 channels, 16 heads): the shift-and-accumulate path."""
+    torch.manual_seed(0)
+    shape = (2, 64, 28, 28) if quick else (8, 128, 56, 56)
+    return SASA(shape[1], kernel_size=7, num_heads=shape[1] // 8), _input(shape)
+
+
 def build_aa(quick: bool) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(0)
     shape = (1, 64, 32, 32) if quick else (1, 64, 64, 64)
@@ -224,6 +232,9 @@ def _shape_label(build: Callable[[bool], tuple[nn.Module, Tensor]]) -> Callable[
 
 CASES: dict[str, Case] = {
     "sasa": Case("sasa", "unfold", build_sasa, sasa_unfold, _shape_label(build_sasa)),
+    "sasa_small_heads": Case(
+        "sasa (d = 8)", "unfold", build_sasa_small_heads, sasa_unfold, _shape_label(build_sasa_small_heads)
+    ),
     "aa_conv": Case("aa_conv", "materialised", build_aa, aa_materialised, _shape_label(build_aa)),
     "conv_as_attention": Case(
         "conv_as_attention",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.testing import OpRecorder
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.sasa import SASA
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -62,12 +64,7 @@ def reference(layer: SASA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return out, weights
 
 
-def randomized(layer: SASA) -> SASA:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.5)
-    return layer
+randomized = partial(randomize_, seed=1, scale=0.5)
 
 
 @pytest.mark.parametrize(
@@ -201,6 +198,37 @@ def test_no_k_squared_copy_of_the_keys():
     with torch.no_grad(), OpRecorder() as recorder:
         layer(x)
     assert recorder.largest_storage < 49 * x.numel() / 6, recorder.largest_storage / x.numel()
+
+
+def test_small_heads_take_the_tap_path_with_the_same_values_and_gradients():
+    """Heads of <= 8 dimensions: shift-and-accumulate over the taps (no halo codes, which would
+    be 5x the head's own dimensions), equal to the reference and to the halo tiles."""
+    from attnzoo.functional.window import SMALL_HEAD_DIM, window_attention
+
+    layer = randomized(SASA(4, 8, num_heads=2, kernel_size=5))  # d = 4 <= SMALL_HEAD_DIM
+    assert layer.head_dim <= SMALL_HEAD_DIM
+    x = torch.randn(1, 4, 6, 7, requires_grad=True)
+    grad = torch.randn(1, 8, 6, 7)
+    ours = torch.autograd.grad((layer(x) * grad).sum(), [x, *layer.parameters()])
+    theirs = torch.autograd.grad((reference(layer, x)[0] * grad).sum(), [x, *layer.parameters()])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    q, k, v = torch.randn(3, 2, 2, 5, 9, 16).unbind(0)  # d = 16: both methods agree
+    rows, cols = torch.randn(2, 7, 2, 8).unbind(0)
+    taps = window_attention(q, k, v, rows, cols, 7, method="taps", return_weights=True)
+    halo = window_attention(q, k, v, rows, cols, 7, method="halo", return_weights=True)
+    for a, b in zip(taps, halo):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="clamp=False"):
+        window_attention(q, k, v, rows, cols, 7, method="taps", clamp=True)
+    with pytest.raises(ValueError, match="method"):
+        window_attention(q, k, v, rows, cols, 7, method="unfold")
+    # memory: the (B, h, k^2, HW) logits, h k^2 / C = 6.1x the input at 16 heads of 8, never 49x
+    small = SASA(128, num_heads=16).float()
+    x32 = torch.randn(1, 128, 28, 28, dtype=torch.float32)
+    with torch.no_grad(), OpRecorder() as recorder:
+        small(x32)
+    assert recorder.largest_storage <= 16 * 49 * 28 * 28, recorder.largest_storage / x32.numel()
 
 
 def test_nan_in_a_key_reaches_its_neighbours_only_through_the_output():

@@ -34,9 +34,11 @@ __all__ = [
     "check_window",
     "window_aggregate",
     "window_border_mask",
+    "window_dot",
     "window_neg_sq_distance",
     "window_offsets",
     "window_output_size",
+    "window_reassemble",
     "window_stack",
     "window_taps",
 ]
@@ -320,6 +322,109 @@ def window_aggregate(
     return _aggregate_loop(values, weights, kernel_size, stride, dilation, padding_mode, sharing)
 
 
+def _reassemble_loop(values: Tensor, kernels: Tensor, kernel_size: int, scale: int) -> Tensor:
+    # (B, C, sigma^2, H, W): sub-pixel s of every output block, all reading the same window
+    blocks = _aggregate_loop(values, kernels, kernel_size, 1, 1, "zeros", "contiguous")
+    # (B, C, s^2, H, W) -> (B, C s^2, H, W) -> pixel shuffle -> (B, C, sigma H, sigma W)
+    return torch.pixel_shuffle(blocks.flatten(1, 2), scale)
+
+
+class _WindowReassemble(torch.autograd.Function):
+    """CARAFE's reassembly with a backward that reads the upsampled gradient in place.
+
+    Autograd's chain (pixel shuffle after the window aggregation) would copy the (B, C, sigma H,
+    sigma W) gradient back into sub-pixel blocks and form a product of that size per tap. This
+    backward views the gradient as (B, C, H, sigma, W, sigma) and visits every (tap, sub-pixel)
+    pair with input-sized operands only: the extra memory is one padded input-sized gradient
+    buffer, the kernels' gradient and one input-sized product. It saves only the input and the
+    kernels (never an upsampled tensor).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        values: Tensor,
+        kernels: Tensor,
+        kernel_size: int,
+        scale: int,
+    ) -> Tensor:
+        ctx.save_for_backward(values, kernels)
+        ctx.options = (kernel_size, scale)  # type: ignore[attr-defined]
+        return _reassemble_loop(values, kernels, kernel_size, scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        values, kernels = ctx.saved_tensors  # type: ignore[attr-defined]
+        kernel_size, scale = ctx.options  # type: ignore[attr-defined]
+        need_values, need_kernels = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
+        batch, channels, height, width = values.shape
+        groups = kernels.shape[1]
+        split = (groups, channels // groups)  # channel c = g * (C / G) + s uses kernel group g
+        # (B, C, sH, sW) -> (B, G, C/G, H, s, W, s): sub-pixel (i, j) of every block is a strided view
+        grad_blocks = grad_out.contiguous().view(batch, *split, height, scale, width, scale)
+        pad = kernel_size // 2
+        grad_padded = (
+            values.new_zeros(batch, channels, height + 2 * pad, width + 2 * pad) if need_values else None
+        )
+        grad_kernels = torch.empty_like(kernels) if need_kernels else None
+        offsets = window_offsets(kernel_size)
+        for sub in range(scale * scale):
+            # sub-pixel (i, j) of every block, copied contiguous once (the tap loop reads it k^2
+            # times, and strided operands are several times slower): (B, G, C/G, H, W)
+            grad_sub = grad_blocks[:, :, :, :, sub // scale, :, sub % scale].contiguous()
+            for t, (tap, (dy, dx)) in enumerate(zip(window_taps(values, kernel_size), offsets)):
+                shifted = tap.unflatten(1, split)  # (B, C, H, W) -> (B, G, C/G, H, W): a view
+                if grad_kernels is not None:
+                    # d out / d kernel = the group's channels of gradient times shifted input
+                    grad_kernels[:, :, t, sub] = (grad_sub * shifted).sum(2)
+                if grad_padded is not None:
+                    top, left = pad + dy, pad + dx
+                    # the tap's strided view of the padded gradient buffer: (B, G, C/G, H, W)
+                    target = grad_padded[..., top : top + height, left : left + width].unflatten(1, split)
+                    # (B, G, H, W) -> (B, G, 1, H, W): one kernel for the group's channels
+                    target.addcmul_(grad_sub, kernels[:, :, t, sub].unsqueeze(2))
+        grad_values = None if grad_padded is None else grad_padded[..., pad : pad + height, pad : pad + width]
+        return grad_values, grad_kernels, None, None
+
+
+def window_reassemble(values: Tensor, kernels: Tensor, kernel_size: int, scale: int) -> Tensor:
+    """CARAFE's reassembly: every output pixel l' a weighted sum of the k x k input window at l' // sigma.
+
+    ``out[c, l'] = sum_t kernels[g(c), t, s(l'), l' // sigma] * values[c, l' // sigma + offset_t]``
+    with s(l') = (i' mod sigma) sigma + (j' mod sigma) the sub-pixel of l' in its block, zeros
+    beyond the border, channel c using the kernel group ``c // (C / G)``.
+
+    Args:
+        values: (B, C, H, W).
+        kernels: (B, G, k^2, sigma^2, H, W), cast to the values' dtype.
+        kernel_size: k, odd.
+        scale: sigma.
+
+    Returns:
+        (B, C, sigma H, sigma W).
+
+    The window aggregation with sub-positions (:func:`window_aggregate`) followed by a pixel
+    shuffle; in eager training one autograd node (:class:`_WindowReassemble`) whose backward
+    reads the upsampled gradient in place and saves only the input and the kernels.
+    """
+    channels, groups = values.shape[1], kernels.shape[1]
+    if channels % groups:
+        raise ValueError(
+            f"kernels: expected a number of groups dividing the {channels} channels, got {groups}"
+        )
+    if kernels.shape[2] != kernel_size * kernel_size or kernels.shape[3] != scale * scale:
+        raise ValueError(
+            f"kernels: expected {kernel_size * kernel_size} taps at dim 2 and {scale * scale} sub-pixels at "
+            f"dim 3 for a {kernel_size} x {kernel_size} window at scale {scale}, got {tuple(kernels.shape)}"
+        )
+    kernels = kernels.to(values.dtype)
+    needs_grad = torch.is_grad_enabled() and (values.requires_grad or kernels.requires_grad)
+    if needs_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        out = _WindowReassemble.apply(values, kernels, kernel_size, scale)
+        return out  # type: ignore[no-any-return]
+    return _reassemble_loop(values, kernels, kernel_size, scale)
+
+
 def _neg_sq_distance_loop(query: Tensor, keys: Tensor, kernel_size: int, groups: int, stride: int) -> Tensor:
     per_tap = []
     for tap in window_taps(keys, kernel_size, stride=stride):
@@ -392,3 +497,68 @@ def window_neg_sq_distance(
         out = _WindowNegSqDistance.apply(query, keys, kernel_size, groups, stride)
         return out  # type: ignore[no-any-return]
     return _neg_sq_distance_loop(query, keys, kernel_size, groups, stride)
+
+
+def _window_dot_loop(query: Tensor, keys: Tensor, kernel_size: int, groups: int) -> Tensor:
+    per_tap = []
+    for tap in window_taps(keys, kernel_size):
+        # (B, K, H, W) -> (B, G, K/G, H, W) -> the group's dot product -> (B, G, H, W)
+        per_tap.append((query * tap).unflatten(1, (groups, -1)).sum(2))
+    return torch.stack(per_tap, dim=2)  # (B, G, k^2, H, W)
+
+
+class _WindowDot(torch.autograd.Function):
+    """q . k over every window tap, saving only q and k (no per-tap product is kept)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        query: Tensor,
+        keys: Tensor,
+        kernel_size: int,
+        groups: int,
+    ) -> Tensor:
+        ctx.save_for_backward(query, keys)
+        ctx.options = (kernel_size, groups)  # type: ignore[attr-defined]
+        return _window_dot_loop(query, keys, kernel_size, groups)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        query, keys = ctx.saved_tensors  # type: ignore[attr-defined]
+        kernel_size, groups = ctx.options  # type: ignore[attr-defined]
+        batch, channels, height, width = keys.shape
+        pad = kernel_size // 2
+        split = (groups, channels // groups)
+        grad_query = torch.zeros_like(query).unflatten(1, split)  # (B, G, K/G, H, W)
+        grad_padded = keys.new_zeros(batch, channels, height + 2 * pad, width + 2 * pad)
+        query_groups = query.unflatten(1, split)
+        for t, (tap, (dy, dx)) in enumerate(zip(window_taps(keys, kernel_size), window_offsets(kernel_size))):
+            weight = grad[:, :, t].unsqueeze(2)  # (B, G, H, W) -> (B, G, 1, H, W): one per group
+            grad_query.addcmul_(tap.unflatten(1, split), weight)
+            top, left = pad + dy, pad + dx
+            target = grad_padded[..., top : top + height, left : left + width].unflatten(1, split)
+            target.addcmul_(query_groups, weight)
+        grad_keys = grad_padded[..., pad : pad + height, pad : pad + width]
+        return grad_query.flatten(1, 2), grad_keys, None, None
+
+
+def window_dot(query: Tensor, keys: Tensor, kernel_size: int, groups: int) -> Tensor:
+    """``sum_{c in group g} q_c(p) k_c(p + offset_t)`` for every tap: (B, G, k^2, H, W).
+
+    Args:
+        query, keys: (B, K, H, W); the keys read zero beyond the border (mask those taps: see
+            :func:`window_border_mask`).
+        kernel_size: k, odd.
+        groups: G, dividing K: each group's channels form one dot product (a head).
+
+    The keys are never unfolded: each tap is a view, and in eager training the backward
+    (:class:`_WindowDot`) saves only q and k.
+    """
+    if (
+        torch.is_grad_enabled()
+        and (query.requires_grad or keys.requires_grad)
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    ):
+        out = _WindowDot.apply(query, keys, kernel_size, groups)
+        return out  # type: ignore[no-any-return]
+    return _window_dot_loop(query, keys, kernel_size, groups)

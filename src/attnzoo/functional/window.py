@@ -27,8 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from attnzoo.functional.attend import Attended, attend_with_weights
+from attnzoo.functional.local_window import window_aggregate, window_border_mask, window_dot
+from attnzoo.functional.softmax import masked_softmax
 
-__all__ = ["masked_value", "relative_attention_2d", "window_attention"]
+__all__ = ["SMALL_HEAD_DIM", "masked_value", "relative_attention_2d", "window_attention"]
+
+#: Heads of at most this many dimensions take the shift-and-accumulate path of
+#: :func:`window_attention` by default: the halo tiles' augmented dot product has 2 (b + 2r)
+#: code entries besides the d real ones (40 for k = 7), so small heads would spend most of the
+#: fused kernel's work on the codes.
+SMALL_HEAD_DIM = 8
 
 
 def masked_value(dtype: torch.dtype, width: int) -> float:
@@ -163,6 +171,7 @@ def window_attention(
     block_size: int | None = None,
     scale: float = 1.0,
     return_weights: bool = False,
+    method: str = "auto",
 ) -> Attended:
     """Multi-head attention of every pixel over its k x k window, with row/column relative logits.
 
@@ -193,11 +202,21 @@ def window_attention(
         scale: multiplies the logits (the paper: 1).
         return_weights: also return the window weights (B, h, H, W, k * k), tap (a, b) of the
             window at index ``a * k + b`` (zero for masked keys).
+        method: ``"halo"`` (tiles through the fused kernel), ``"taps"`` (shift-and-accumulate
+            over the k^2 taps: the (B, h, k^2, H, W) logits, never a copy of the keys or values;
+            masked windows only) or ``"auto"``: taps for heads of at most :data:`SMALL_HEAD_DIM`
+            dimensions without ``clamp`` or ``block_size``, halo otherwise.
 
     Returns:
         ``Attended(out, weights)``: out (B, h, H, W, d_v), weights (B, h, H, W, k k) or None.
     """
     batch, heads, height, width, dim = q.shape
+    if method not in ("auto", "halo", "taps"):
+        raise ValueError(f"method: expected 'auto', 'halo' or 'taps', got {method!r}")
+    if method == "taps" and clamp:
+        raise ValueError("method: 'taps' computes masked windows only, expected clamp=False")
+    if method == "taps" or (method == "auto" and dim <= SMALL_HEAD_DIM and not clamp and block_size is None):
+        return _window_attention_taps(q, k, v, rel_rows, rel_cols, kernel_size, scale, return_weights)
     radius = kernel_size // 2
     side = block_size or 2 * kernel_size
     block_h, block_w = min(side, height), min(side, width)
@@ -250,6 +269,42 @@ def window_attention(
     taps = taps.reshape(pad_h, pad_w, kernel_size * kernel_size)[:height, :width]
     window = untile(weights).gather(-1, taps.expand(batch, heads, height, width, -1))
     return Attended(out, window)  # (B, h, H, W, d_v), (B, h, H, W, k k)
+
+
+def _window_attention_taps(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_rows: Tensor,
+    rel_cols: Tensor,
+    kernel_size: int,
+    scale: float,
+    return_weights: bool,
+) -> Attended:
+    """:func:`window_attention` (masked windows) as shift-and-accumulate over the k^2 taps."""
+    batch, heads, height, width, dim = q.shape
+    half = dim // 2
+
+    def maps(t: Tensor) -> Tensor:
+        # (B, h, H, W, c) -> (B, h, c, H, W) -> (B, h c, H, W): head i's channels i c ... (i + 1) c - 1
+        return t.permute(0, 1, 4, 2, 3).reshape(batch, heads * t.shape[-1], height, width)
+
+    logits = window_dot(maps(q), maps(k), kernel_size, heads)  # (B, h, k^2, H, W): q . k per tap
+    # q . r for every row offset and every column offset: (B, h, k, H, W) each
+    t_rows = torch.einsum("bhyxc,ahc->bhayx", q[..., :half], rel_rows.to(q.dtype))
+    t_cols = torch.einsum("bhyxc,ahc->bhayx", q[..., half:], rel_cols.to(q.dtype))
+    # tap (a, b) at a k + b: (B, h, k, 1, H, W) + (B, h, 1, k, H, W) -> (B, h, k^2, H, W)
+    relative = (t_rows.unsqueeze(3) + t_cols.unsqueeze(2)).flatten(2, 3)
+    inside = window_border_mask(height, width, kernel_size, device=q.device)  # (k^2, H, W)
+    # in place: the logits stay one (B, h, k^2, H, W) buffer; keys outside the image masked
+    logits = logits.add_(relative).masked_fill_(~inside, float("-inf"))
+    weights = masked_softmax(logits * scale if scale != 1.0 else logits, dim=2)
+    out = window_aggregate(maps(v), weights, kernel_size)  # (B, h d_v, H, W), head i's weights
+    # (B, h d_v, H, W) -> (B, h, d_v, H, W) -> (B, h, H, W, d_v)
+    out = out.unflatten(1, (heads, -1)).permute(0, 1, 3, 4, 2)
+    if not return_weights:
+        return Attended(out, None)
+    return Attended(out, weights.permute(0, 1, 3, 4, 2))  # (B, h, k^2, H, W) -> (B, h, H, W, k^2)
 
 
 # torch.fx: the kernels' shape arithmetic needs concrete sizes, so each call is one graph node

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
-from attnzoo.functional.local_window import check_window, window_aggregate
+from attnzoo.functional.local_window import check_window, window_reassemble
 from attnzoo.functional.softmax import masked_softmax
 from attnzoo.registry import Paper, Sample, image_input, register
 
@@ -156,10 +156,8 @@ class CARAFE(nn.Module):
         # pixel_shuffle is the identity). (B, G k^2 s^2, H, W) -> (B, G, k^2, s^2, H, W)
         logits = encoded.view(batch, groups, k * k, sigma * sigma, height, width)
         kernels = masked_softmax(logits, dim=2)  # normalised over the k_up^2 taps
-        # (B, C, sigma^2, H, W): sub-pixel s of every output block, all reading the same window
-        blocks = window_aggregate(x, kernels, k)
-        # (B, C, s^2, H, W) -> (B, C s^2, H, W) -> pixel shuffle -> (B, C, sigma H, sigma W)
-        out = torch.pixel_shuffle(blocks.flatten(1, 2), sigma)
+        # every sub-pixel of an output block reads the same input window: (B, C, sigma H, sigma W)
+        out = window_reassemble(x, kernels, k, sigma)
         if not return_attn:
             return out
         # (B, G, k^2, s^2, H, W) -> (B, G, k^2, sigma, sigma, H, W) -> (B, G, H, sigma, W, sigma, k^2)

@@ -72,7 +72,10 @@ class SASA(nn.Module):
     fused kernel: the window edges and the image border are folded into an augmented dot
     product (:func:`attnzoo.functional.window.window_attention`); no k^2-fold copy of the keys.
     A non-finite key reaches the queries of its whole tile (through the dot product), not only
-    those of its window: non-finite inputs give non-finite outputs either way.
+    those of its window: non-finite inputs give non-finite outputs either way. Heads of at most
+    8 dimensions (without ``clamp_window`` or ``block_size``) are computed by shift-and-accumulate
+    over the k^2 taps instead (the (B, N, k^2, H, W) logits; the tiles' 2 (b + 2r) code entries
+    would be 5x such a head's own dimensions).
 
     Args:
         in_channels: C_in.
