@@ -55,8 +55,10 @@ def test_norm_layer_replaces_every_norm(name):
     signature = inspect.signature(spec.cls.__init__).parameters
     assert signature["norm_layer"].default in (nn.BatchNorm2d, None)
     kwargs = spec.make_kwargs(spec.default_sizes)
-    if "variant" in signature:  # BAM's official variant normalises its hidden layers too
-        kwargs = {**kwargs, "variant": "official"} if name == "bam" else kwargs
+    if "variant" in signature:  # BAM's official variant normalises its hidden layers too; the
+        # official variants of CBAM and CAN are the ones with a norm (their papers have none there)
+        official = name in ("bam", "cbam", "cbam_spatial", "cross_attention_module")
+        kwargs = {**kwargs, "variant": "official"} if official else kwargs
     default_norms = _norms(spec.cls(**kwargs))
     assert default_norms, f"{name}: builds no norm by default"
     group = spec.cls(**kwargs, norm_layer=partial(nn.GroupNorm, 1))

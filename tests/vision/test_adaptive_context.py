@@ -103,6 +103,25 @@ def test_registered_and_errors():
     assert spec.family == "non_local" and spec.placement == "head" and spec.map_kind == "mixed"
     with pytest.raises(ValueError, match="pool_scales"):
         AdaptiveContext(16, pool_scales=(0, 2))
-    with pytest.raises(ValueError, match="expected C=16"):
-        AdaptiveContext(16)(torch.randn(1, 8, 4, 4))
     assert AdaptiveContext(16, out_channels=4)(torch.randn(2, 16, 5, 5)).shape == (2, 4, 5, 5)
+
+
+def test_norm_layer_replaces_every_batchnorm():
+    from functools import partial
+
+    default = AdaptiveContext(8, pool_scales=(1, 2))
+    assert "modules_per_scale.0.global_info.1.running_mean" in default.state_dict()  # keys unchanged
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in default.modules()) == 2 * 5 + 1
+    grouped = AdaptiveContext(8, pool_scales=(1, 2), norm_layer=partial(torch.nn.GroupNorm, 1)).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grouped.modules())
+    x = torch.randn(1, 8, 5, 5)
+    # a batch of one trains: the global-context block normalises a (1, C', 1, 1) map, which
+    # BatchNorm cannot in training mode
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        AdaptiveContext(8, pool_scales=(1, 2)).train()(x)
+    assert grouped(x).shape == x.shape
+    block = grouped.modules_per_scale[0].reduce
+    expected = torch.relu(F.group_norm(F.conv2d(x, block[0].weight), 1, block[1].weight, block[1].bias))
+    torch.testing.assert_close(block(x), expected)
+    bare = AdaptiveContext(8, pool_scales=(1, 2), norm_layer=None)
+    assert bare.bottleneck[0].bias is not None and isinstance(bare.bottleneck[1], torch.nn.Identity)

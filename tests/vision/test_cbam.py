@@ -92,8 +92,6 @@ def test_errors():
         SpatialAttention(kernel_size=4)
     with pytest.raises(ValueError, match="variant"):
         CBAM(16, variant="mine")
-    with pytest.raises(ValueError, match="4-D tensor"):
-        CBAM(16)(torch.randn(2, 16, 5))
 
 
 def test_channel_branch_is_se_with_avg_and_max_pooling():
@@ -133,3 +131,36 @@ def test_inference_fast_path_equals_training_path():
     with torch.no_grad():
         fast = module(x)
     torch.testing.assert_close(module(x.requires_grad_()), fast, rtol=0, atol=0)
+
+
+def test_norm_layer_replaces_the_official_batchnorm():
+    from functools import partial
+
+    default = SpatialAttention(8, variant="official")
+    assert default.norm.momentum == 0.01 and list(default.state_dict()) == [
+        "conv.weight", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var",
+        "norm.num_batches_tracked",
+    ]  # fmt: skip
+    torch.manual_seed(4)
+    x = torch.randn(1, 8, 5, 5)
+    stacked = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], 1)  # official [max; mean]
+    # GroupNorm(1, 1): per-image statistics of the logit map, so a batch of one trains
+    grouped = SpatialAttention(8, variant="official", norm_layer=partial(torch.nn.GroupNorm, 1)).train()
+    with torch.no_grad():
+        grouped.norm.weight.fill_(1.7), grouped.norm.bias.fill_(-0.2)
+    raw = F.conv2d(stacked, grouped.conv.weight, padding=3)
+    normed = (raw - raw.mean()) / torch.sqrt(raw.var(unbiased=False) + grouped.norm.eps) * 1.7 - 0.2
+    torch.testing.assert_close(grouped(x, return_attn=True)[1], torch.sigmoid(normed))
+    assert grouped.conv.bias is None
+    # None: no norm, the conv keeps its bias
+    bare = SpatialAttention(8, variant="official", norm_layer=None)
+    assert isinstance(bare.norm, torch.nn.Identity) and bare.conv.bias is not None
+    expected = torch.sigmoid(F.conv2d(stacked, bare.conv.weight, bare.conv.bias, padding=3))
+    torch.testing.assert_close(bare(x, return_attn=True)[1], expected)
+    # CBAM passes it to its spatial branch; the paper's branch has no norm to replace
+    assert isinstance(CBAM(16, variant="official", norm_layer=None).spatial.norm, torch.nn.Identity)
+    assert CBAM(16, variant="official").spatial.norm.momentum == 0.01
+    assert isinstance(SpatialAttention(8, norm_layer=None).norm, torch.nn.Identity)
+    assert SpatialAttention(8, norm_layer=torch.nn.BatchNorm2d).conv.bias is not None
+    with pytest.raises(ValueError, match="norm_layer: the paper's spatial branch has no normalisation"):
+        CBAM(16, norm_layer=partial(torch.nn.GroupNorm, 1))

@@ -7,21 +7,14 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.testing import OpRecorder
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.dnl import DisentangledNonLocal
 
 F64 = torch.float64
 
 
 def perturbed(module: DisentangledNonLocal, seed: int = 0) -> DisentangledNonLocal:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        if isinstance(module.norm, torch.nn.BatchNorm1d):
-            module.norm.running_mean.copy_(0.2 * torch.randn(module.channels, generator=g))
-            module.norm.running_var.copy_(0.5 + torch.rand(module.channels, generator=g))
-    return module.eval()
+    return randomize_(module, seed=seed, scale=0.3, shift=True, norm_statistics=True).eval()
 
 
 def softmax_loop(logits: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,9 @@ def conv1x1(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     return out
 
 
-def batch_norm_eval(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+def batch_norm_eval(x: torch.Tensor, bn: torch.nn.Module) -> torch.Tensor:
+    if isinstance(bn, torch.nn.Identity):  # norm_layer=None
+        return x
     shape = (1, -1, *([1] * (x.dim() - 2)))
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return (x - bn.running_mean.view(shape)) * scale.view(shape) + bn.bias.view(shape)
@@ -92,6 +94,26 @@ def test_matches_float64_reference(mode: str, kernel_size: int) -> None:
         expected, expected_maps = reference(module, x)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(maps, expected_maps, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "patchwise"])
+def test_without_normalisation_the_weight_mlp_has_a_biased_conv_instead(mode: str) -> None:
+    module, x = build(mode=mode, kernel_size=3, norm_layer=None)
+    norms = [m for m in module.weight_mlp if isinstance(m, torch.nn.Identity)]
+    assert len(norms) == 2 and module.weight_mlp[2].bias is not None
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    with torch.no_grad():
+        out, maps = module(x, return_attn=True)
+        expected, expected_maps = reference(module, x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-10, atol=1e-10)
+
+
+def test_norm_layer_replaces_both_batch_norms() -> None:
+    module = SANAttention(16, norm_layer=lambda n, **f: torch.nn.GroupNorm(1, n, **f))
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules()) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    assert module(torch.randn(1, 16, 8, 8)).shape == (1, 16, 8, 8)  # a batch of one trains
 
 
 def test_pairwise_weights_are_a_softmax_over_the_footprint_patchwise_are_not() -> None:

@@ -1,30 +1,105 @@
-"""Stateless kernels: the generic attention core and its helpers."""
+"""Stateless kernels: the generic attention core and its helpers, and the kernels shared by the
+mechanisms of a family (heads, windows, global reasoning).
+
+Every public name of the submodules is re-exported here (``attnzoo.functional.attend``,
+``attnzoo.functional.window_attention``, ...); the submodules stay importable on their own.
+"""
 
 from attnzoo.functional.attend import (
     FUSABLE_SCORES,
     SCORES,
+    Attended,
     Score,
     and_masks,
     attend,
+    attend_with_weights,
     attention_logits,
     attention_weights,
     causal_mask,
     key_padding_to_mask,
     merge_masks,
 )
+from attnzoo.functional.global_reasoning import (
+    compact_generalized_attention,
+    deformed_tap,
+    double_attention,
+    graph_reasoning,
+    normalized_laplacian_apply,
+    point_wise_logits,
+)
+from attnzoo.functional.heads import (
+    check_heads,
+    combine_masks,
+    merge_heads,
+    merge_masks_for_heads,
+    pad_mask,
+    project_heads,
+    resolve_key_value,
+    split_heads,
+)
+from attnzoo.functional.local_window import (
+    PaddingMode,
+    check_window,
+    window_aggregate,
+    window_border_mask,
+    window_dot,
+    window_neg_sq_distance,
+    window_offsets,
+    window_output_size,
+    window_reassemble,
+    window_stack,
+    window_taps,
+)
 from attnzoo.functional.softmax import compute_dtype, masked_softmax
+from attnzoo.functional.window import (
+    SMALL_HEAD_DIM,
+    masked_value,
+    relative_attention_2d,
+    window_attention,
+)
 
 __all__ = [
     "FUSABLE_SCORES",
     "SCORES",
+    "SMALL_HEAD_DIM",
+    "Attended",
+    "PaddingMode",
     "Score",
     "and_masks",
     "attend",
+    "attend_with_weights",
     "attention_logits",
     "attention_weights",
     "causal_mask",
+    "check_heads",
+    "check_window",
+    "combine_masks",
+    "compact_generalized_attention",
     "compute_dtype",
+    "deformed_tap",
+    "double_attention",
+    "graph_reasoning",
     "key_padding_to_mask",
     "masked_softmax",
+    "masked_value",
+    "merge_heads",
     "merge_masks",
+    "merge_masks_for_heads",
+    "normalized_laplacian_apply",
+    "pad_mask",
+    "point_wise_logits",
+    "project_heads",
+    "relative_attention_2d",
+    "resolve_key_value",
+    "split_heads",
+    "window_aggregate",
+    "window_attention",
+    "window_border_mask",
+    "window_dot",
+    "window_neg_sq_distance",
+    "window_offsets",
+    "window_output_size",
+    "window_reassemble",
+    "window_stack",
+    "window_taps",
 ]

@@ -7,6 +7,7 @@ He, Deng, Zhou, Wang and Qiao 2019, "Adaptive Pyramid Context Network for Semant
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -14,16 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
-from attnzoo.layers import reduced_width
+from attnzoo.layers import NormLayer, create_norm, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["AdaptiveContext", "AdaptiveContextModule"]
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, factory: dict, kernel: int = 1) -> nn.Sequential:
+def _conv_bn_relu(
+    in_ch: int, out_ch: int, norm_layer: NormLayer, factory: dict, kernel: int = 1
+) -> nn.Sequential:
+    """Conv (no bias: the norm's shift replaces it) + norm + ReLU; a bias without a norm."""
     return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False, **factory),
-        nn.BatchNorm2d(out_ch, **factory),
+        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=norm_layer is None, **factory),
+        create_norm(norm_layer, out_ch, **factory),
         nn.ReLU(),
     )
 
@@ -48,18 +52,23 @@ class AdaptiveContextModule(nn.Module):
         pool_scale: int,
         *,
         fusion: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.pool_scale = pool_scale
-        self.reduce_pooled = _conv_bn_relu(channels, inner_channels, factory)
-        self.reduce = _conv_bn_relu(channels, inner_channels, factory)
-        self.global_info = _conv_bn_relu(inner_channels, inner_channels, factory)
+
+        def block(in_ch: int, out_ch: int) -> nn.Sequential:
+            return _conv_bn_relu(in_ch, out_ch, norm_layer, factory)
+
+        self.reduce_pooled = block(channels, inner_channels)
+        self.reduce = block(channels, inner_channels)
+        self.global_info = block(inner_channels, inner_channels)
         self.gla = nn.Conv2d(inner_channels, pool_scale * pool_scale, 1, **factory)
-        self.residual = _conv_bn_relu(inner_channels, inner_channels, factory)
-        self.fusion = _conv_bn_relu(inner_channels, inner_channels, factory) if fusion else nn.Identity()
+        self.residual = block(inner_channels, inner_channels)
+        self.fusion = block(inner_channels, inner_channels) if fusion else nn.Identity()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the context (B, C', H, W) and the affinities (B, s^2, H, W)."""
@@ -91,6 +100,11 @@ class AdaptiveContextModule(nn.Module):
     samples=(
         Sample("no_fusion", kwargs={"fusion": False}, description="without the fusion conv"),
         Sample("scales", kwargs={"pool_scales": (1, 4)}, description="other pooling scales"),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 1)},
+            description="GroupNorm in every conv block (trains with a batch of one)",
+        ),
     ),
     notes="As mmsegmentation's APCHead (no official code): C' = C/4 (512 for 2048), the head's "
     "3x3 bottleneck over the concatenation included so the output has out_channels (default C).",
@@ -110,6 +124,10 @@ class AdaptiveContext(nn.Module):
         out_channels: the bottleneck's width (default C, so the head preserves the shape).
         pool_scales: the region grids (paper: 1, 2, 3, 6).
         fusion: the extra 1x1 conv + BN + ReLU at the end of every module (mmseg default).
+        norm_layer: the norm of every conv block, called as ``norm_layer(width)`` on (B, width,
+            H, W) maps (default ``nn.BatchNorm2d``, as mmsegmentation; its global-context block
+            normalises a (B, C', 1, 1) map, which BatchNorm cannot train on with a batch of one:
+            ``functools.partial(nn.GroupNorm, 32)`` can; None: none, the convs then have biases).
 
     Shape:
         - x: (B, C, H, W); output: (B, out_channels, H, W).
@@ -125,6 +143,7 @@ class AdaptiveContext(nn.Module):
         *,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         fusion: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -138,11 +157,13 @@ class AdaptiveContext(nn.Module):
         self.pool_scales = tuple(int(s) for s in pool_scales)
         factory = {"device": device, "dtype": dtype}
         self.modules_per_scale = nn.ModuleList(
-            AdaptiveContextModule(channels, self.inner_channels, s, fusion=fusion, **factory)
+            AdaptiveContextModule(
+                channels, self.inner_channels, s, fusion=fusion, norm_layer=norm_layer, **factory
+            )
             for s in self.pool_scales
         )
         width = channels + len(self.pool_scales) * self.inner_channels
-        self.bottleneck = _conv_bn_relu(width, self.out_channels, factory, kernel=3)
+        self.bottleneck = _conv_bn_relu(width, self.out_channels, norm_layer, factory, kernel=3)
 
     def extra_repr(self) -> str:
         return (

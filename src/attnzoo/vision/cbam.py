@@ -5,13 +5,14 @@ Woo et al. 2018, "CBAM: Convolutional Block Attention Module", https://arxiv.org
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_variant, parameter_dtype
-from attnzoo.layers import LayerSpec, create_layer
+from attnzoo.layers import LayerSpec, NormLayer, create_layer, create_norm
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision.squeeze_excite import Pool, SqueezeExcite, needs_grad
 
@@ -19,6 +20,17 @@ __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 
 CBAM_PAPER = Paper("CBAM: Convolutional Block Attention Module", "1807.06521")
 Variant = Literal["paper", "official"]
+
+
+def _check_norm_variant(norm_layer: NormLayer, variant: str) -> None:
+    """The paper's spatial branch has no norm: a norm_layer other than the default or None needs
+    ``variant="official"``, rather than being ignored."""
+    if variant == "paper" and norm_layer is not nn.BatchNorm2d and norm_layer is not None:
+        raise ValueError(
+            f"norm_layer: the paper's spatial branch has no normalisation (it is the official "
+            f"code's, variant='official'), expected the default or None with variant='paper', "
+            f"got {norm_layer!r}"
+        )
 
 
 @register(
@@ -96,9 +108,15 @@ class ChannelAttention(SqueezeExcite):
     make_kwargs=lambda s: {"channels": s.width},
     make_inputs=image_input,
     cost="time O(B C HW + B HW k^2); memory O(B C HW)",
-    notes="variant='official' adds BatchNorm after the conv (no conv bias) and pools [max; mean]",
+    notes="variant='official' adds BatchNorm after the conv (no conv bias) and pools [max; mean]; "
+    "norm_layer replaces that BatchNorm (None: none, the conv then has a bias)",
     samples=(
         Sample("variant=official", {"variant": "official"}, description="BN after the spatial conv"),
+        Sample(
+            "variant=official,norm_layer=GroupNorm",
+            {"variant": "official", "norm_layer": lambda s: functools.partial(nn.GroupNorm, 1)},
+            description="GroupNorm instead of the official BN (per-image statistics of the map)",
+        ),
     ),
 )
 class SpatialAttention(nn.Module):
@@ -114,6 +132,11 @@ class SpatialAttention(nn.Module):
         variant: ``"paper"`` (conv with bias, [avg; max]) or ``"official"`` (the authors' code:
             conv without bias, then BatchNorm, and the pooled maps in the order [max; mean], so
             its weights load here).
+        norm_layer: the official variant's norm after the conv, called as ``norm_layer(1)`` on
+            the (B, 1, H, W) logit map (default ``nn.BatchNorm2d``, built with the official
+            momentum 0.01; e.g. ``functools.partial(nn.GroupNorm, 1)``; None: no norm, and the
+            conv keeps its bias). The paper's variant has no norm: it accepts only the default
+            or None.
 
     Shape:
         - x: (B, C, H, W); output: the same; attention (``return_attn``): M_s, (B, 1, H, W).
@@ -126,19 +149,23 @@ class SpatialAttention(nn.Module):
         *,
         gate_layer: LayerSpec = "sigmoid",
         variant: Variant = "paper",
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_variant(variant)
+        _check_norm_variant(norm_layer, variant)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd positive size, got {kernel_size}")
         self.channels, self.variant = channels, variant
         factory = {"device": device, "dtype": dtype}
-        official = variant == "official"
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not official, **factory)
-        # the official code's BasicConv uses BN(eps=1e-5, momentum=0.01)
-        self.norm = nn.BatchNorm2d(1, momentum=0.01, **factory) if official else nn.Identity()
+        normed = variant == "official" and norm_layer is not None
+        # a conv bias before the norm would be cancelled (BN) or redundant with its shift
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not normed, **factory)
+        if norm_layer is nn.BatchNorm2d:  # the official BasicConv's BN(eps=1e-5, momentum=0.01)
+            norm_layer = functools.partial(nn.BatchNorm2d, momentum=0.01)
+        self.norm = create_norm(norm_layer if normed else None, 1, **factory)
         self.gate = create_layer(gate_layer, argument="gate_layer")
 
     def attention(self, x: Tensor) -> Tensor:
@@ -169,8 +196,8 @@ class SpatialAttention(nn.Module):
     make_kwargs=lambda s: {"channels": s.width},
     make_inputs=image_input,
     cost="time O(B C HW + B C^2 / r + B HW k^2); memory O(B C HW)",
-    notes="variant='official' uses the official spatial branch (BN, [max; mean]); mlp_bias=False "
-    "drops the channel MLP's biases (timm's CbamModule default)",
+    notes="variant='official' uses the official spatial branch (BN, [max; mean]; norm_layer replaces "
+    "the BN); mlp_bias=False drops the channel MLP's biases (timm's CbamModule default)",
     samples=(
         Sample("variant=official", {"variant": "official"}, description="BN after the spatial conv"),
         Sample("mlp_bias=False", {"mlp_bias": False}, description="channel MLP without biases"),
@@ -190,6 +217,7 @@ class CBAM(nn.Module):
         act_layer, gate_layer: injectable activation and gate for both branches.
         variant: ``"paper"`` or ``"official"`` (see :class:`SpatialAttention`).
         mlp_bias: biases in the channel MLP (official code: yes; timm's ``CbamModule``: no).
+        norm_layer: the official spatial branch's norm (see :class:`SpatialAttention`).
 
     Shape:
         - x: (B, C, H, W); output: the same.
@@ -208,6 +236,7 @@ class CBAM(nn.Module):
         gate_layer: LayerSpec = "sigmoid",
         variant: Variant = "paper",
         mlp_bias: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -224,7 +253,7 @@ class CBAM(nn.Module):
             **factory,
         )
         self.spatial = SpatialAttention(
-            channels, kernel_size, gate_layer=gate_layer, variant=variant, **factory
+            channels, kernel_size, gate_layer=gate_layer, variant=variant, norm_layer=norm_layer, **factory
         )
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:

@@ -6,6 +6,7 @@ Official code: https://github.com/blue-blue272/fewshot-CAN (``torchFewShot/model
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
 from attnzoo.functional.softmax import masked_softmax
-from attnzoo.layers import reduced_width
+from attnzoo.layers import NormLayer, create_norm, reduced_width
 from attnzoo.registry import Paper, Sample, Sizes, example_image, register
 
 __all__ = ["CrossAttentionModule"]
@@ -38,9 +39,14 @@ def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     cost="time O(B m C + m^2 / r); memory O(B m C) (the m x m correlation is never formed: "
     "its row means and w-weighted sums factor through the normalised features)",
     notes="variant='official': BatchNorm after the first meta-fusion layer, as in cam.py (the paper "
-    "writes W2 relu(W1 z))",
+    "writes W2 relu(W1 z)); norm_layer replaces that BatchNorm",
     samples=(
         Sample("variant=official", {"variant": "official"}),
+        Sample(
+            "variant=official,norm_layer=GroupNorm",
+            {"variant": "official", "norm_layer": lambda s: functools.partial(nn.GroupNorm, 1)},
+            description="GroupNorm on the meta-fusion hidden vector (trains with a batch of one)",
+        ),
     ),
 )
 class CrossAttentionModule(nn.Module):
@@ -69,6 +75,12 @@ class CrossAttentionModule(nn.Module):
         temperature: tau (paper: 0.025).
         variant: ``"paper"`` (W2 relu(W1 z)) or ``"official"`` (W2 relu(BN(W1 z)), as in
             ``cam.py``).
+        norm_layer: the official variant's norm of the hidden vector, called as
+            ``norm_layer(m/r)`` on it as a (B, m/r, 1, 1) map like every vision norm_layer
+            (default ``nn.BatchNorm2d``: there the BatchNorm of ``cam.py`` over (B, m/r), with the
+            state_dict keys of earlier releases; e.g. ``functools.partial(nn.GroupNorm, 1)``,
+            which needs no batch statistics; None: no norm). The paper's variant has no norm: it
+            accepts only the default or None.
 
     Shape:
         - x: class (support) features (B, C, H, W); y: query features (B, C, H, W), the same size.
@@ -86,6 +98,7 @@ class CrossAttentionModule(nn.Module):
         *,
         temperature: float = 0.025,
         variant: Literal["paper", "official"] = "paper",
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -97,6 +110,11 @@ class CrossAttentionModule(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature: expected a positive value, got {temperature}")
         check_variant(variant)
+        if variant == "paper" and norm_layer is not nn.BatchNorm2d and norm_layer is not None:
+            raise ValueError(
+                f"norm_layer: the paper's meta-fusion has no normalisation (it is cam.py's, "
+                f"variant='official'), expected the default or None with variant='paper', got {norm_layer!r}"
+            )
         self.channels, self.spatial_size = channels, (int(size[0]), int(size[1]))
         self.positions = self.spatial_size[0] * self.spatial_size[1]  # m
         self.temperature, self.variant = temperature, variant
@@ -104,7 +122,7 @@ class CrossAttentionModule(nn.Module):
         factory = {"device": device, "dtype": dtype}
         # 1x1 convs on an (m, 1, 1) descriptor are linear layers over the m positions
         self.fc1 = nn.Linear(self.positions, hidden, **factory)  # W1
-        self.norm = nn.BatchNorm1d(hidden, **factory) if variant == "official" else nn.Identity()
+        self.norm = create_norm(norm_layer if variant == "official" else None, hidden, **factory)
         self.fc2 = nn.Linear(hidden, self.positions, **factory)  # W2
         self.reset_parameters()
 
@@ -121,7 +139,9 @@ class CrossAttentionModule(nn.Module):
 
     def _kernel(self, descriptor: Tensor) -> Tensor:
         """Meta-fusion: (B, m) row means of R -> (B, m) kernel w."""
-        return self.fc2(F.relu(self.norm(self.fc1(descriptor))))
+        # the norm layers take maps: (B, h) -> (B, h, 1, 1) -> (B, h)
+        hidden = self.norm(self.fc1(descriptor)[:, :, None, None]).flatten(1)
+        return self.fc2(F.relu(hidden))
 
     def _attention(self, own: Tensor, other: Tensor) -> Tensor:
         """A for ``own`` (B, m, C) normalised rows against ``other``: softmax over own positions."""

@@ -7,6 +7,7 @@ authors' ``DNLHead`` in mmsegmentation.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -15,9 +16,10 @@ from torch import Tensor, nn
 from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_positive, check_variant, parameter_dtype
 from attnzoo.functional.attend import attend_with_weights
 from attnzoo.functional.softmax import masked_softmax
-from attnzoo.layers import reduced_width
+from attnzoo.layers import NormLayer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import to_tokens
+from attnzoo.vision._token_norm import apply_token_norm, create_token_norm, zero_init_last_norm
 
 __all__ = ["DisentangledNonLocal"]
 
@@ -42,7 +44,12 @@ Variant = Literal["paper", "official"]
     "cancels it), nor do theta and phi (whitening cancels theirs).",
     samples=(
         Sample("variant=official", {"variant": "official"}),
-        Sample("norm=False", {"norm": False}),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 2)},
+            description="GroupNorm on the output (trains with a batch of one)",
+        ),
+        Sample("norm_layer=None", {"norm_layer": None}, description="no norm; W_z zero-initialised"),
     ),
 )
 class DisentangledNonLocal(nn.Module):
@@ -74,7 +81,13 @@ class DisentangledNonLocal(nn.Module):
             official).
         variant: ``"paper"`` or ``"official"`` (mmsegmentation ``DNLHead``: ``use_scale=True``,
             ``temperature=0.05``); explicit ``temperature`` / ``use_scale`` override it.
-        norm: BN after W_z with zero-initialised scale; False: W_z zero-initialised instead.
+        norm_layer: the normalisation after W_z, called as ``norm_layer(C)`` on the (B, C, N)
+            tokens of every input rank viewed as (B, C, N, 1) (default ``nn.BatchNorm2d``: the
+            statistics of the paper's BN on the input and the state_dict keys of earlier
+            releases; e.g. ``functools.partial(nn.GroupNorm, 32)``; norms that reject 4-D maps are
+            refused). Its weight, when it has one, is zero-initialised (identity at init). None:
+            no norm, W_z with a bias and itself zero-initialised. As
+            :class:`~attnzoo.vision.non_local.NonLocalBlock`.
 
     Shape:
         - x: (B, C, L), (B, C, H, W) or (B, C, T, H, W); output: the same.
@@ -91,7 +104,7 @@ class DisentangledNonLocal(nn.Module):
         temperature: float | None = None,
         use_scale: bool | None = None,
         variant: Variant = "paper",
-        norm: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -113,22 +126,19 @@ class DisentangledNonLocal(nn.Module):
         self.g = nn.Linear(channels, self.inner, **factory)
         # W_m: the unary logits; a bias would be cancelled by the softmax over positions
         self.unary = nn.Linear(channels, 1, bias=False, **factory)
-        self.w_z = nn.Linear(self.inner, channels, bias=not norm, **factory)
-        self.norm = nn.BatchNorm1d(channels, **factory) if norm else nn.Identity()
+        # a bias before the norm is cancelled or redundant with its shift: only without a norm
+        self.w_z = nn.Linear(self.inner, channels, bias=norm_layer is None, **factory)
+        self.norm = create_token_norm(norm_layer, channels, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init: theta, phi, g, W_z ~ N(0, 0.01); W_m default; BN scale 0 (or W_z = 0)."""
+        """Official init: theta, phi, g, W_z ~ N(0, 0.01); W_m default; norm scale 0 (or W_z = 0)."""
         for layer in (self.theta, self.phi, self.g, self.w_z):
             nn.init.normal_(layer.weight, std=0.01)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
         self.unary.reset_parameters()
-        if isinstance(self.norm, nn.BatchNorm1d):
-            self.norm.reset_parameters()
-            nn.init.zeros_(self.norm.weight)
-        else:
-            nn.init.zeros_(self.w_z.weight)
+        zero_init_last_norm(self.norm, self.w_z)
 
     def extra_repr(self) -> str:
         return (
@@ -154,7 +164,7 @@ class DisentangledNonLocal(nn.Module):
         # (B, 1, N) @ (B, N, C') -> (B, 1, C'), broadcast to every position i
         unary_out = unary.to(value.dtype).unsqueeze(1) @ value
         y = pairwise_out + unary_out  # (B, N, C')
-        z = self.norm(self.w_z(y).transpose(1, 2))  # (B, N, C) -> (B, C, N): BN per channel
+        z = apply_token_norm(self.norm, self.w_z(y).transpose(1, 2))  # (B, N, C) -> (B, C, N)
         out = x + z.unflatten(2, spatial)  # (B, C, N) -> (B, C, *S)
         if pairwise is None:
             return out

@@ -7,14 +7,17 @@ Chen, Rohrbach, Yan, Yan, Feng and Kalantidis 2019, "Graph-Based Global Reasonin
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo.functional.global_reasoning import graph_reasoning
-from attnzoo.layers import reduced_width
+from attnzoo.layers import NormLayer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import SPATIAL_LAYOUTS
+from attnzoo.vision._token_norm import apply_token_norm, create_token_norm, zero_init_last_norm
 
 __all__ = ["GloRe"]
 
@@ -39,6 +42,12 @@ __all__ = ["GloRe"]
             inputs=lambda s: (torch.randn(s.batch, s.width, 3, s.extent, s.extent).to(s.device, s.dtype),),
             description="a (B, C, T, H, W) clip, as in the official 3D ResNet",
         ),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 2)},
+            description="GroupNorm on the output (trains with a batch of one)",
+        ),
+        Sample("norm_layer=None", {"norm_layer": None}, description="no norm; W_e zero-initialised"),
     ),
     notes="normalize=True divides the node features by the number of positions L (the official "
     "code's option, off by default there; turn it on when input sizes vary, else the node features "
@@ -66,6 +75,12 @@ class GloRe(nn.Module):
         num_nodes: N (default C/4).
         normalize: divide the node features by L. Off in the official code ("not necessary if
             the input size is fixed"); turn it on when input sizes vary.
+        norm_layer: the output normalisation, called as ``norm_layer(C)`` on the (B, C, L)
+            positions of every input rank viewed as (B, C, L, 1) (default ``nn.BatchNorm2d``, built
+            with the official eps 1e-4: the statistics of the official BatchNorm2d/3d and the
+            state_dict keys of earlier releases; e.g. ``functools.partial(nn.GroupNorm, 32)``;
+            norms that reject 4-D maps are refused). Its weight, when it has one, is
+            zero-initialised (Y = X at init). None: no norm, and W_e is zero-initialised instead.
 
     Shape:
         - x: (B, C, L), (B, C, H, W) or (B, C, T, H, W); output: the same.
@@ -80,6 +95,7 @@ class GloRe(nn.Module):
         num_nodes: int | None = None,
         *,
         normalize: bool = False,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -95,14 +111,16 @@ class GloRe(nn.Module):
         self.node_conv = nn.Conv1d(self.num_nodes, self.num_nodes, 1, **factory)  # A_g, b
         self.state_conv = nn.Conv1d(self.state_channels, self.state_channels, 1, bias=False, **factory)
         self.extend = nn.Conv1d(self.state_channels, channels, 1, bias=False, **factory)
-        # BatchNorm1d over (B, C, L) has the statistics of BatchNorm2d/3d over (B, C, *S)
-        self.norm = nn.BatchNorm1d(channels, eps=1e-4, **factory)
+        # the official BatchNorm has eps 1e-4; over (B, C, L, 1) it has the statistics of
+        # BatchNorm2d/3d over (B, C, *S)
+        official_eps = norm_layer is nn.BatchNorm2d
+        norm_layer = functools.partial(nn.BatchNorm2d, eps=1e-4) if official_eps else norm_layer
+        self.norm = create_token_norm(norm_layer, channels, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official initialisation of the output BatchNorm: weight zero, so Y = X at init."""
-        self.norm.reset_parameters()
-        nn.init.zeros_(self.norm.weight)
+        """The official initialisation of the output norm: weight zero (or W_e's), so Y = X at init."""
+        zero_init_last_norm(self.norm, self.extend)
 
     def extra_repr(self) -> str:
         return (
@@ -122,7 +140,7 @@ class GloRe(nn.Module):
             self.state_conv.weight[..., 0],  # (S, S, 1) -> (S, S)
             normalize=self.normalize,
         )
-        out = x + self.norm(self.extend(reasoned)).view_as(x)  # (B, C, L) -> (B, C, *S)
+        out = x + apply_token_norm(self.norm, self.extend(reasoned)).view_as(x)  # (B, C, L) -> (B, C, *S)
         if return_attn:
             return out, projection.unflatten(2, x.shape[2:])  # (B, N, L) -> (B, N, *S)
         return out

@@ -15,6 +15,7 @@ None of the four pairwise functions materialises the N x N matrix unless the map
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo.functional.attend import attend_with_weights
 from attnzoo.functional.softmax import compute_dtype
-from attnzoo.layers import reduced_width
+from attnzoo.layers import NormLayer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import (
     SPATIAL_LAYOUTS,
@@ -33,6 +34,7 @@ from attnzoo.vision._spatial import (
     subsample_kernel,
     to_tokens,
 )
+from attnzoo.vision._token_norm import apply_token_norm, create_token_norm, zero_init_last_norm
 
 __all__ = ["PAIRWISE_FUNCTIONS", "NonLocalBlock", "relu_pair_sum"]
 
@@ -90,14 +92,20 @@ def relu_pair_sum(a: Tensor, b: Tensor, values: Tensor) -> Tensor:
     "for concatenation; memory O(B N C) without maps (fused kernel / associativity / sorting), "
     "O(B N^2) with return_attn",
     notes="official options: use_scale=True (embedded-Gaussian logits / sqrt(C'), mmcv's and the "
-    "video code's default), sub_sample=True (max-pool phi and g), norm=False (zero-init W_z instead "
-    "of BN, mmcv's default). Key bias dropped where the softmax makes it a no-op.",
+    "video code's default), sub_sample=True (max-pool phi and g), norm_layer=None (zero-init W_z "
+    "instead of BN, mmcv's default). Key bias dropped where the softmax makes it a no-op.",
     samples=(
         *(Sample(f"pairwise={f}", {"pairwise": f}) for f in ("gaussian", "dot_product", "concatenation")),
         *(
             Sample(f"pairwise={f},sub_sample", {"pairwise": f, "sub_sample": True})
             for f in ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
         ),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 2)},
+            description="GroupNorm on the output (trains with a batch of one)",
+        ),
+        Sample("norm_layer=None", {"norm_layer": None}, description="no norm; W_z zero-initialised"),
     ),
 )
 class NonLocalBlock(nn.Module):
@@ -130,8 +138,17 @@ class NonLocalBlock(nn.Module):
             at least the window.
         use_scale: divide the embedded-Gaussian logits by sqrt(C'). NOTE: not in the paper; the
             official code (video-nonlocal-net ``USE_SCALE``, mmcv ``use_scale=True``) does it.
-        norm: BatchNorm after W_z with zero-initialised scale (paper). False: no BN and W_z
-            itself zero-initialised (mmcv's default ``norm_cfg=None, zero_init=True``).
+        norm_layer: the normalisation after W_z, a vision ``norm_layer`` called as
+            ``norm_layer(C)`` on (B, C, H, W) maps: here the (B, C, N) tokens of every input rank
+            viewed as (B, C, N, 1). Default ``nn.BatchNorm2d``: over (B, N) per channel it has
+            exactly the statistics of the paper's BatchNorm1d/2d/3d on the input, for sequences,
+            images and video alike, and the state_dict keys of earlier releases (their
+            BatchNorm1d), whose checkpoints load. E.g. ``functools.partial(nn.GroupNorm, 32)``,
+            ``nn.SyncBatchNorm``; a norm that rejects 4-D maps (``nn.BatchNorm1d``,
+            ``nn.LayerNorm``) is refused with a clear error. Its weight, when it has one, is
+            zero-initialised (the paper's init: the block starts as the identity). None: no
+            norm, W_z with a bias and itself zero-initialised (mmcv's default ``norm_cfg=None,
+            zero_init=True``).
 
     Shape:
         - x: (B, C, L), (B, C, H, W) or (B, C, T, H, W); output: the same.
@@ -154,7 +171,7 @@ class NonLocalBlock(nn.Module):
         pairwise: Pairwise = "embedded_gaussian",
         sub_sample: bool = False,
         use_scale: bool = False,
-        norm: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -185,13 +202,14 @@ class NonLocalBlock(nn.Module):
         self.concat_project = (
             nn.Linear(2 * self.inner, 1, bias=False, **factory) if pairwise == "concatenation" else None
         )
-        # a bias before BN is cancelled by the batch mean: none then
-        self.w_z = nn.Linear(self.inner, channels, bias=not norm, **factory)
-        self.norm = nn.BatchNorm1d(channels, **factory) if norm else nn.Identity()
+        # a bias before the norm is cancelled (BN: by the batch mean) or redundant with its own
+        # shift: W_z has one only without a norm
+        self.w_z = nn.Linear(self.inner, channels, bias=norm_layer is None, **factory)
+        self.norm = create_token_norm(norm_layer, channels, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init: theta, phi, g, W_z ~ N(0, 0.01); BN scale 0 (paper) or W_z = 0."""
+        """Official init: theta, phi, g, W_z ~ N(0, 0.01); the norm's scale 0 (paper) or W_z = 0."""
         for layer in (self.theta, self.phi, self.g, self.w_z):
             if layer is not None:
                 nn.init.normal_(layer.weight, std=0.01)
@@ -199,11 +217,8 @@ class NonLocalBlock(nn.Module):
                     nn.init.zeros_(layer.bias)
         if self.concat_project is not None:
             self.concat_project.reset_parameters()
-        if isinstance(self.norm, nn.BatchNorm1d):
-            self.norm.reset_parameters()
-            nn.init.zeros_(self.norm.weight)  # z = BN(W_z y) = 0 at init: the block is the identity
-        else:
-            nn.init.zeros_(self.w_z.weight)
+        # z = norm(W_z y) = 0 at init: the block is the identity
+        zero_init_last_norm(self.norm, self.w_z)
 
     def extra_repr(self) -> str:
         return (
@@ -258,7 +273,7 @@ class NonLocalBlock(nn.Module):
             key = max_pool_tokens(key, spatial, kernel)  # (B, N', D)
             value = max_pool_tokens(value, spatial, kernel)  # (B, N', C')
         y, maps = self._aggregate(query, key, value, return_attn)
-        z = self.norm(self.w_z(y).transpose(1, 2))  # (B, N, C) -> (B, C, N): BN over (B, N) per channel
+        z = apply_token_norm(self.norm, self.w_z(y).transpose(1, 2))  # (B, N, C) -> (B, C, N)
         out = x + z.unflatten(2, spatial)  # (B, C, N) -> (B, C, *S)
         if maps is None:
             return out

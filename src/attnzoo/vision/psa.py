@@ -7,6 +7,7 @@ mmcv's ``PSAMask`` and mmsegmentation's ``PSAHead``.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -14,10 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
-from attnzoo.functional.attend import attend
 from attnzoo.functional.global_reasoning import point_wise_logits
-from attnzoo.functional.softmax import masked_softmax
-from attnzoo.layers import reduced_width
+from attnzoo.functional.softmax import compute_dtype, masked_softmax
+from attnzoo.layers import NormLayer, create_norm, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import from_tokens, to_tokens
 
@@ -27,22 +27,44 @@ Branches = Literal["both", "collect", "distribute"]
 Variant = Literal["paper", "official"]
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, factory: dict, kernel: int = 1) -> nn.Sequential:
+def _conv_bn_relu(
+    in_ch: int, out_ch: int, norm_layer: NormLayer, factory: dict, kernel: int = 1
+) -> nn.Sequential:
+    """Conv (no bias: the norm's shift replaces it) + norm + ReLU; a bias without a norm."""
     return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False, **factory),
-        nn.BatchNorm2d(out_ch, **factory),
+        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=norm_layer is None, **factory),
+        create_norm(norm_layer, out_ch, **factory),
         nn.ReLU(),
     )
+
+
+def _softmax_rows_(logits: Tensor) -> Tensor:
+    """``softmax(logits, dim=-1)``, in place in ``logits`` when autograd does not record.
+
+    Without autograd the rows are shifted by their maximum, exponentiated and divided by their
+    sum (accumulated in float32 for half-precision logits) in ``logits``' own storage: no second
+    (N, N) buffer. With autograd the softmax allocates its output (its backward needs it) and the
+    logits are freed as soon as it is formed; half-precision logits then give float32 weights, as
+    :func:`~attnzoo.functional.softmax.masked_softmax`. Every row must hold a finite entry (PSANet's
+    rows always include the position itself); a NaN reaches the whole row.
+    """
+    if torch.is_grad_enabled():
+        return masked_softmax(logits, dim=-1)
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # in [0, 1]: safe in float16
+    total = logits.sum(dim=-1, keepdim=True, dtype=compute_dtype(logits.dtype))  # (B, N, 1)
+    return logits.div_(total.to(logits.dtype))
 
 
 class _Branch(nn.Module):
     """One direction: reduce, predict the over-complete maps, re-index, softmax, aggregate."""
 
-    def __init__(self, channels: int, inner: int, mask_size: tuple[int, int], factory: dict) -> None:
+    def __init__(
+        self, channels: int, inner: int, mask_size: tuple[int, int], norm_layer: NormLayer, factory: dict
+    ) -> None:
         super().__init__()
-        self.reduce = _conv_bn_relu(channels, inner, factory)
+        self.reduce = _conv_bn_relu(channels, inner, norm_layer, factory)
         self.predict = nn.Sequential(
-            _conv_bn_relu(inner, inner, factory),
+            _conv_bn_relu(inner, inner, norm_layer, factory),
             nn.Conv2d(inner, mask_size[0] * mask_size[1], 1, bias=False, **factory),
         )
 
@@ -79,6 +101,11 @@ class _Branch(nn.Module):
             kwargs={"shrink_factor": 2, "mask_size": lambda s: s.extent - 1 | 1},
             description="the official 2x resampling around the attention",
         ),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 2)},
+            description="GroupNorm in every conv block (trains with a batch of one)",
+        ),
     ),
     notes="variant='official': positions outside a mask window smaller than the map get logit 0 "
     "(the semseg/mmcv psa_mask op writes only in-window entries of a zero buffer), not -inf; the "
@@ -100,8 +127,15 @@ class PointwiseSpatialAttention(nn.Module):
     outside it are masked (``variant="paper"``) or get logit 0 (``variant="official"``, the
     psa_mask op of semseg and mmcv). The two contexts are concatenated, projected back to C
     (1x1 conv + BN + ReLU), concatenated with the input, and fused by the head's 3x3 conv + BN +
-    ReLU to ``out_channels``. The softmax and aggregation run through the fused kernel
-    (:func:`attnzoo.functional.attend`, the logits as an additive mask) unless maps are requested.
+    ReLU to ``out_channels``.
+
+    Memory: the predicted maps are quadratic by definition (mask_h mask_w per position, about 4 N
+    per position at full coverage). Beyond them a branch holds one (N, N) tensor: the gather that
+    re-indexes the maps, softmaxed in place (without autograd) and multiplied with the values by
+    one bmm; the predicted map is freed once gathered, and the branch's (N, N) tensor before the
+    next branch predicts. No index tensor, no mask copy, no attention-kernel workspace (an
+    additive float mask through :func:`~attnzoo.functional.attend.attend` would add them, and
+    the fused kernel gains nothing when every logit is given).
 
     Args:
         channels: C.
@@ -113,6 +147,10 @@ class PointwiseSpatialAttention(nn.Module):
         shrink_factor: resample the reduced features to (H-1)//s + 1 before the attention and
             back after (official: 2; paper default here: 1, no resampling).
         variant: ``"paper"`` (out-of-window pairs masked) or ``"official"`` (logit 0).
+        norm_layer: the norm of every conv block (reduce, predict, projection, fusion), called
+            as ``norm_layer(width)`` on (B, width, H, W) maps (default ``nn.BatchNorm2d``, as the
+            official code; e.g. ``functools.partial(nn.GroupNorm, 32)``; None: none, the convs
+            then have biases).
 
     Shape:
         - x: (B, C, H, W) (any H, W); output: (B, out_channels, H, W).
@@ -131,6 +169,7 @@ class PointwiseSpatialAttention(nn.Module):
         branches: Branches = "both",
         shrink_factor: int = 1,
         variant: Variant = "paper",
+        norm_layer: NormLayer = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -155,10 +194,10 @@ class PointwiseSpatialAttention(nn.Module):
         factory = {"device": device, "dtype": dtype}
         names = ("collect", "distribute") if branches == "both" else (branches,)
         self.paths = nn.ModuleDict(
-            {n: _Branch(channels, self.inner_channels, self.mask_size, factory) for n in names}
+            {n: _Branch(channels, self.inner_channels, self.mask_size, norm_layer, factory) for n in names}
         )
-        self.proj = _conv_bn_relu(len(names) * self.inner_channels, channels, factory)
-        self.fuse = _conv_bn_relu(2 * channels, self.out_channels, factory, kernel=3)
+        self.proj = _conv_bn_relu(len(names) * self.inner_channels, channels, norm_layer, factory)
+        self.fuse = _conv_bn_relu(2 * channels, self.out_channels, norm_layer, factory, kernel=3)
 
     def extra_repr(self) -> str:
         return (
@@ -168,31 +207,39 @@ class PointwiseSpatialAttention(nn.Module):
             f"variant={self.variant!r}"
         )
 
+    def _context(self, name: str, reduced: Tensor, return_attn: bool) -> tuple[Tensor, Tensor | None]:
+        """One branch's context (B, C', h, w) and, when asked, its weights (B, N, N).
+
+        A method of its own so that the branch's (N, N) buffer dies on return, before the next
+        branch forms its predicted map (a loop variable would keep it alive across iterations).
+        """
+        fill = float("-inf") if self.variant == "paper" else 0.0
+        logits = point_wise_logits(
+            self.paths[name].predict(reduced), self.mask_size, distribute=name == "distribute", fill=fill
+        )  # (B, N, N): row = the position whose context is formed; the predicted map is freed here
+        values = to_tokens(reduced)  # (B, C', h, w) -> (B, N, C')
+        if return_attn:
+            weights = masked_softmax(logits, dim=-1)
+        else:
+            # the gathered logits become the weights themselves: the re-indexing is the only
+            # (N, N) buffer beside the predicted map (no mask copy, no kernel workspace)
+            weights = _softmax_rows_(logits)
+        context = weights.to(values.dtype) @ values  # (B, N, N) @ (B, N, C') -> (B, N, C')
+        context = from_tokens(context, reduced.shape[2:])  # (B, N, C') -> (B, C', h, w)
+        return context, (weights if return_attn else None)
+
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
-        fill = float("-inf") if self.variant == "paper" else 0.0
         contexts, maps = [], {}
         for name, branch in self.paths.items():
             reduced = branch.reduce(x)  # (B, C', H, W)
             if self.shrink_factor != 1:
                 shrunk = [(side - 1) // self.shrink_factor + 1 for side in x.shape[2:]]
                 reduced = F.interpolate(reduced, size=shrunk, mode="bilinear", align_corners=True)
-            logits = point_wise_logits(
-                branch.predict(reduced), self.mask_size, distribute=name == "distribute", fill=fill
-            )  # (B, N, N): row = the position whose context is formed
-            values = to_tokens(reduced)  # (B, C', h, w) -> (B, N, C')
-            if return_attn:
-                weights = masked_softmax(logits, dim=-1)
-                context = weights.to(values.dtype) @ values  # (B, N, N) @ (B, N, C') -> (B, N, C')
+            context, weights = self._context(name, reduced, return_attn)
+            contexts.append(context)
+            if weights is not None:
                 maps[name] = weights
-            else:
-                # softmax(0 + logits) v in the fused kernel: the logits enter as an additive mask,
-                # so no softmaxed copy of the N x N matrix is formed
-                # (one head) 4-D operands and mask: with a 3-D mask SDPA takes its math path
-                zeros = values.new_zeros(values.shape[0], 1, values.shape[1], 1)  # (B, 1, N, 1)
-                context = attend(zeros, zeros, values.unsqueeze(1), score="dot", mask=logits.unsqueeze(1))
-                context = context.squeeze(1)  # (B, 1, N, C') -> (B, N, C')
-            contexts.append(from_tokens(context, reduced.shape[2:]))  # (B, N, C') -> (B, C', h, w)
         projected = self.proj(torch.cat(contexts, dim=1))  # (B, C, h, w)
         if self.shrink_factor != 1:
             projected = F.interpolate(projected, size=x.shape[2:], mode="bilinear", align_corners=True)

@@ -11,6 +11,7 @@ exports to ONNX with standard operators.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -26,6 +27,7 @@ from attnzoo.functional.local_window import (
 from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
+from attnzoo.vision._norm import NormSpec, create_norm
 
 __all__ = ["SANAttention", "san_position_offsets"]
 
@@ -81,12 +83,23 @@ def san_position_offsets(
             kwargs={"mode": "patchwise", "kernel_size": 3},
             description="patchwise with the first stage's footprint",
         ),
+        Sample(
+            "norm_layer=GroupNorm",
+            {"norm_layer": lambda s: functools.partial(nn.GroupNorm, 1)},
+            description="GroupNorm in the weight MLP instead of BatchNorm",
+        ),
+        Sample(
+            "patchwise,norm_layer=None",
+            {"mode": "patchwise", "norm_layer": None},
+            description="patchwise without normalisation",
+        ),
     ),
     notes="Follows the official code (hszhao/SAN): subtraction relation with the normalised-coordinate "
     "position term, BN-ReLU-conv-BN-ReLU-conv weight MLP, interleaved channel sharing (c mod C/8), "
     "reflection padding. Two official biases that cancel (conv_p's before the subtraction, the last "
     "pairwise conv's before the softmax over the footprint) are left out: same outputs, no dead "
-    "parameters. Runs on CPU and exports to ONNX, where the official CuPy ops raise.",
+    "parameters. norm_layer replaces the weight MLP's BatchNorms (None: none, and the conv before "
+    "the second gets a bias). Runs on CPU and exports to ONNX, where the official CuPy ops raise.",
 )
 class SANAttention(nn.Module):
     """SAN self-attention (SAM): pairwise or patchwise weights over a k x k footprint.
@@ -124,6 +137,9 @@ class SANAttention(nn.Module):
         kernel_size: k, the footprint, odd (paper: 7; 3 in the first stage of the networks).
         rel_channels: r, the width of phi and psi (default C / 16, official ``rel_planes``).
         share_channels: s, how many channels share one weight map (paper: 8).
+        norm_layer: the weight MLP's two normalisations, a factory ``(num_features, device=...,
+            dtype=...) -> nn.Module`` applied to (B, ., k^2, H W) maps (default ``nn.BatchNorm2d``,
+            the official code's); None: no normalisation.
 
     Shape:
         - x: (B, C, H, W), H and W larger than k // 2 (reflection padding).
@@ -141,6 +157,7 @@ class SANAttention(nn.Module):
         kernel_size: int = 7,
         rel_channels: int | None = None,
         share_channels: int = 8,
+        norm_layer: NormSpec = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -170,10 +187,10 @@ class SANAttention(nn.Module):
         taps = kernel_size * kernel_size
         if mode == "pairwise":
             self.weight_mlp = nn.Sequential(
-                nn.BatchNorm2d(rel + 2, **factory),
+                create_norm(norm_layer, rel + 2, **factory),
                 nn.ReLU(inplace=True),  # in place: BN's backward needs its input only
-                nn.Conv2d(rel + 2, rel, 1, bias=False, **factory),
-                nn.BatchNorm2d(rel, **factory),
+                nn.Conv2d(rel + 2, rel, 1, bias=norm_layer is None, **factory),
+                create_norm(norm_layer, rel, **factory),
                 nn.ReLU(inplace=True),  # in place: BN's backward needs its input only
                 # NOTE: the official conv has a bias; constant over the footprint, it cancels in
                 # the softmax over j (and would never receive a gradient)
@@ -183,10 +200,10 @@ class SANAttention(nn.Module):
             self.position = nn.Conv2d(2, 2, 1, bias=False, **factory)
         else:
             self.weight_mlp = nn.Sequential(
-                nn.BatchNorm2d(rel * (taps + 1), **factory),
+                create_norm(norm_layer, rel * (taps + 1), **factory),
                 nn.ReLU(inplace=True),  # in place: BN's backward needs its input only
-                nn.Conv2d(rel * (taps + 1), weight_channels, 1, bias=False, **factory),
-                nn.BatchNorm2d(weight_channels, **factory),
+                nn.Conv2d(rel * (taps + 1), weight_channels, 1, bias=norm_layer is None, **factory),
+                create_norm(norm_layer, weight_channels, **factory),
                 nn.ReLU(inplace=True),  # in place: BN's backward needs its input only
                 nn.Conv2d(weight_channels, taps * weight_channels, 1, **factory),
             )

@@ -78,9 +78,12 @@ class GraphReasoningLayer(nn.Module):
         Sample("single_scale", kwargs={"scales": (1,)}, description="no pyramid"),
         Sample("graph_channels", kwargs={"graph_channels": 5}, description="M given"),
     ),
-    notes="No official code. Phi = ReLU(1x1 conv), Lambda = sigmoid(1x1 conv of the global "
-    "average), scales (1, 2, 4) by 2x2 max-pooling and a sum of the bilinearly upsampled outputs "
-    "with a residual: choices where the paper's text was not checked (see the docs page).",
+    notes="No official code. The paper's (abstract, introduction): graph reasoning on every pixel "
+    "with no projection, a data-dependent Laplacian with an attention diagonal matrix, a spatial "
+    "pyramid of scales. Ours, not verified against the paper's method and implementation sections: "
+    "M = C/4, Phi = ReLU(1x1 conv), Lambda = sigmoid(1x1 conv of the global average), Theta C -> C "
+    "per scale, scales (1, 2, 4) by max-pooling, a sum of the bilinearly upsampled outputs with a "
+    "residual (see the docs page).",
 )
 class SpatialPyramidGraphReasoning(nn.Module):
     """SpyGR: graph reasoning directly in the feature space, on a spatial pyramid.
@@ -90,6 +93,21 @@ class SpatialPyramidGraphReasoning(nn.Module):
     ``Y_s = ReLU(L X_s Theta)`` with the data-dependent normalised Laplacian
     ``L = I - D^-1/2 Phi Lambda Phi^T D^-1/2``; the outputs are upsampled (bilinear) and summed
     onto the input: ``out = X + sum_s up(Y_s)``.
+
+    What is the paper's and what is ours. The paper's text that could be checked (abstract and
+    introduction of arXiv 2003.10211; no official code was released) fixes the structure: graph
+    reasoning directly in the original feature space (every pixel a node, no projection and
+    re-projection), a data-dependent Laplacian whose similarity carries an "attention diagonal
+    matrix" Lambda, and a spatial pyramid over which several long-range context patterns are
+    captured. The equations above (``A = Phi Lambda Phi^T``, the normalised Laplacian, one
+    first-order graph convolution with Theta) follow its method as summarised in the project's
+    research notes, marked there as to be checked. NOT verified against the paper's method and
+    implementation sections, and our choices: the widths (M = C/4 by default, the graph keeps all
+    C channels: Theta is C -> C; an unofficial module uses M = 64 and a 3x3 conv for Phi), the
+    non-negativity maps (ReLU for Phi, sigmoid for Lambda: they keep every degree positive), the
+    pyramid (scales (1, 2, 4) by max-pooling, each with its own weights) and the fusion (bilinear
+    upsampling, the scales summed onto the input). A channel reduction before the head (the
+    usual 2048 -> 512 of segmentation heads) is left to the network, as for the other heads.
 
     Args:
         channels: C.
