@@ -360,7 +360,24 @@ def test_channels_last_input_gives_the_same_output(case: Case) -> None:
         assert_close(first(module(*strided, **kwargs)), first(module(*inputs, **kwargs)))
 
 
+def _channel_dim(spec: ModuleSpec, inputs: tuple[Tensor, ...], i: int) -> int:
+    """Where input ``i`` keeps its channels: an input of the first one's rank shares its layout;
+    a feature map beside a sequence (show-attend-tell's annotations) is channels-first."""
+    return spec.channel_dim if inputs[i].dim() == inputs[0].dim() else 1
+
+
+def _extent_dim(channel_dim: int, x: Tensor) -> int:
+    """The last position axis: W for channels-first maps, N for channels-last sequences."""
+    return x.dim() - 1 if channel_dim == 1 else x.dim() - 2
+
+
+def _replaced(inputs: tuple[Tensor, ...], i: int, x: Tensor) -> tuple[Tensor, ...]:
+    return (*inputs[:i], x, *inputs[i + 1 :])
+
+
 def test_bad_input_errors(case: Case) -> None:
+    """Every input (the query and each memory, key or second map) of the wrong dtype, rank, channel
+    count or batch: an error naming what was expected, not torch's internal message."""
     case.skip_unless_applies("bad_input")
     if case.sample.forward_kwargs is not None:
         pytest.skip("the input checks are those of the sample without forward kwargs")
@@ -384,9 +401,21 @@ def test_bad_input_errors(case: Case) -> None:
         assert_close(unbatched, batched)
         with pytest.raises(ValueError, match="expected"):
             module(lower[0], *(r[0] for r in rest))
-    wrong = torch.cat([x, x.narrow(spec.channel_dim, 0, 1)], dim=spec.channel_dim)
-    with pytest.raises(ValueError, match=str(x.shape[spec.channel_dim])):
-        module(wrong, *rest)
+    for i in floating(inputs):
+        t, channel_dim = inputs[i], _channel_dim(spec, inputs, i)
+        wrong = torch.cat([t, t.narrow(channel_dim, 0, 1)], dim=channel_dim)
+        with pytest.raises(ValueError, match=str(t.shape[channel_dim])):
+            module(*_replaced(inputs, i, wrong))
+        if i == 0:
+            continue
+        # a memory of its own: each of its checks, whatever the query
+        with pytest.raises(TypeError, match="float"):
+            module(*_replaced(inputs, i, t.to(torch.int64)))
+        with pytest.raises(ValueError, match="expected"):
+            module(*_replaced(inputs, i, t[0]))
+        if spec.batch_dim is not None and t.shape[0] == x.shape[0] > 1:
+            with pytest.raises(ValueError, match=f"B={x.shape[0]}"):
+                module(*_replaced(inputs, i, t[:1]))
 
 
 def test_empty_dimensions(case: Case) -> None:
@@ -396,17 +425,34 @@ def test_empty_dimensions(case: Case) -> None:
     spec = case.spec
     module, inputs, _ = case.build()
     module.eval()
-    x, rest = inputs[0], inputs[1:]
-    # an empty sequence/spatial/node dimension is an error ...
-    extent_dim = x.dim() - 1 if spec.channel_dim == 1 else x.dim() - 2
-    with pytest.raises(ValueError, match="empty"):
-        module(x.narrow(extent_dim, 0, 0), *rest)
+    # an empty sequence/spatial/node dimension, in the query or in any memory, is an error ...
+    for i in floating(inputs):
+        t = inputs[i]
+        empty_extent = t.narrow(_extent_dim(_channel_dim(spec, inputs, i), t), 0, 0)
+        with pytest.raises(ValueError, match="empty"):
+            module(*_replaced(inputs, i, empty_extent))
     # ... but an empty batch passes through, as elsewhere in PyTorch (zero RoIs, say)
     if spec.batch_dim is not None:
         empty = tuple(t.narrow(0, 0, 0) for t in inputs)
         with torch.no_grad():
             out = first(module(*empty))
         assert out.shape[0] == 0
+
+
+def test_bad_masks_are_clear_errors(case: Case) -> None:
+    """A mask of a non-bool, non-float dtype or of a shape that does not fit the inputs: an error
+    naming the argument, not torch's broadcast message (or a silent misuse by the fused kernel)."""
+    module, inputs, kwargs = case.build()
+    module.eval()
+    masks = {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and v.dtype == torch.bool}
+    if not masks:
+        pytest.skip("no mask argument")
+    for key, mask in masks.items():
+        with pytest.raises(TypeError, match=rf"(?s){key}.*bool"):
+            module(*inputs, **{**kwargs, key: mask.to(torch.int64)})
+        short = mask.narrow(-1, 0, mask.shape[-1] - 1)  # one key too few
+        with pytest.raises(ValueError, match=rf"(?s){key}.*shape"):
+            module(*inputs, **{**kwargs, key: short})
 
 
 def test_dtype_mismatch_is_one_clear_error(case: Case) -> None:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attnzoo.models.seq2seq import Seq2Seq
+from attnzoo.testing import randomize_
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 BOS, EOS, PAD = 1, 2, 0
 
 
-def perturbed(model, seed=0, scale=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=generator))
-    return model
+perturbed = partial(randomize_, scale=0.3)
 
 
 def example(batch=3, length=6, steps=4, vocab=11, seed=0):

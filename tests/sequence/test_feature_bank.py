@@ -93,21 +93,6 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(module(x, bank), module(x, bank), rtol=0, atol=0)
 
 
-def test_bank_errors():
-    module = FeatureBankOperator(8, bank_channels=6, inner_channels=8).eval()
-    x = torch.randn(2, 4, 8)
-    with pytest.raises(ValueError, match="expected C=6"):
-        module(x, torch.randn(2, 30, 7))
-    with pytest.raises(ValueError, match="expected B=2"):
-        module(x, torch.randn(3, 30, 6))
-    with pytest.raises(ValueError, match="empty"):
-        module(x, torch.randn(2, 0, 6))
-    with pytest.raises(TypeError, match="float"):
-        module(x, torch.ones(2, 30, 6, dtype=torch.int32))
-    with pytest.raises(ValueError, match="expected"):
-        module(x, torch.randn(30, 6))
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -103,10 +103,7 @@ def test_gate_distribution_and_l0_penalty_match_the_closed_form():
 
 def test_starts_open_so_it_wraps_a_trained_mha_exactly():
     torch.manual_seed(0)
-    mha = MultiheadAttention(E, H, dtype=torch.float64)
-    with torch.no_grad():
-        for p in mha.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    mha = randomize_(MultiheadAttention(E, H, dtype=torch.float64), scale=0.1, shift=True)
     gated = GatedMultiheadAttention.from_mha(mha).eval()
     torch.testing.assert_close(gated.gates(), torch.ones(H, dtype=torch.float64))
     x, mem = inputs()

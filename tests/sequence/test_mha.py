@@ -11,6 +11,7 @@ from torch import nn
 
 import attnzoo
 from attnzoo.sequence.mha import KVCache, MultiheadAttention
+from attnzoo.testing import randomize_
 
 B, NQ, NK, E, H = 3, 5, 7, 16, 4
 
@@ -20,9 +21,7 @@ def torch_pair(kdim=None, vdim=None, bias=True):
     theirs = nn.MultiheadAttention(
         E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=True, dtype=torch.float64
     )
-    with torch.no_grad():  # torch zero-inits its biases: make them count
-        for p in theirs.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize_(theirs, scale=0.1, shift=True)  # torch zero-inits its biases: make them count
     return theirs, MultiheadAttention.from_torch(theirs)
 
 
@@ -167,39 +166,17 @@ def test_bad_input_names_the_argument():
         MultiheadAttention(16, 3)
     ours = MultiheadAttention(E, H)
     x = torch.randn(2, 5, E)
-    with pytest.raises(ValueError, match=f"query: expected D={E}"):
-        ours(torch.randn(2, 5, E + 1))
+    # dtype, width, batch, empty and mask dtype/shape errors: the conformance suite, every sample;
+    # here the forms only mha has (unbatched inputs, torch's (B*h, ...) masks)
     with pytest.raises(ValueError, match=r"3-D tensor \(B, N, D\) or 2-D tensor \(N, D\)"):
         ours(x[None])
     with pytest.raises(ValueError, match="key: expected a 2-D tensor"):
         ours(x[0], x)  # an unbatched query with batched keys
-    with pytest.raises(TypeError, match="floating-point"):
-        ours(x.long())
-    with pytest.raises(ValueError, match="key_mask: shape"):
-        ours(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="key_mask: expected a bool mask"):
-        ours(x, key_mask=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(TypeError, match=r"key_mask: expected a \(B, N_k\) bool .* or additive float mask"):
         ours(x, key_mask=torch.ones(5, dtype=torch.bool))  # (N_k,) is for unbatched inputs
-    with pytest.raises(ValueError, match="attn_mask: shape"):
-        ours(x, attn_mask=torch.ones(4, 5, dtype=torch.bool))
     # (h, N_q, N_k) with B = 2: neither (B, ...) nor torch's (B*h, ...); the message lists both
     with pytest.raises(ValueError, match=r"attn_mask: expected .*\(B\*h, N_q, N_k\).* got shape \(4, 5, 5\)"):
         ours(x, attn_mask=torch.ones(H, 5, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="key: expected B=2"):
-        ours(x, torch.randn(3, 5, E))
-    with pytest.raises(ValueError, match="empty"):
-        ours(x[:, :0])
-
-
-def test_bfloat16_close_to_float32():
-    torch.manual_seed(4)
-    ours = MultiheadAttention(64, 8)
-    x = torch.randn(2, 32, 64)
-    reference = ours(x, causal=True)
-    low = ours.to(torch.bfloat16)(x.bfloat16(), causal=True)
-    assert low.dtype == torch.bfloat16
-    assert ((low.float() - reference).norm() / reference.norm()) < 2e-2
 
 
 @pytest.mark.parametrize("mask_kind", ["key_mask", "additive_per_head"])
@@ -315,10 +292,7 @@ def test_a_mask_on_another_device_is_an_error_naming_both(module_cls, argument):
 def randomised_torch(seed=0, **kwargs):
     torch.manual_seed(seed)
     theirs = nn.MultiheadAttention(E, H, dtype=torch.float64, **kwargs)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return theirs.eval()
+    return randomize_(theirs, seed=seed, scale=0.1, shift=True).eval()
 
 
 @pytest.mark.parametrize("add_bias_kv", [False, True])

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.sequence.mha import MultiheadAttention
+from attnzoo.testing import randomize_
 
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -60,15 +61,6 @@ class Case:
     seed: int | None = None
 
 
-def _randomize(module: nn.Module, seed: int) -> nn.Module:
-    # torch zero-initialises the projection biases: make every parameter count
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
-
-
 def module_cases() -> Iterator[Case]:
     """The ModuleInfo samples, in train and eval mode, with and without input gradients."""
     common_modules, _ = _import_torch_databases()
@@ -83,7 +75,8 @@ def module_cases() -> Iterator[Case]:
                 ctor, call = sample.constructor_input, sample.forward_input
                 torch.manual_seed(index)
                 module = nn.MultiheadAttention(*ctor.args, **ctor.kwargs, dtype=F64)
-                _randomize(module, index).train(training)
+                # torch zero-initialises the projection biases: make every parameter count
+                randomize_(module, seed=index, scale=0.3, shift=True).train(training)
                 kwargs = dict(call.kwargs)
                 yield Case(
                     name=f"module[{index}] {ctor.kwargs} training={training} grad={requires_grad}",
@@ -246,7 +239,8 @@ def test_the_database_covers_every_torch_feature():
 def test_float_key_padding_mask_matches_torch(batch_first):
     """Not in torch's database: an additive (float) key_padding_mask."""
     torch.manual_seed(0)
-    theirs = _randomize(nn.MultiheadAttention(8, 2, batch_first=batch_first, dtype=F64), 1).eval()
+    theirs = nn.MultiheadAttention(8, 2, batch_first=batch_first, dtype=F64)
+    randomize_(theirs, seed=1, scale=0.3, shift=True).eval()
     ours = MultiheadAttention.from_torch(theirs)
     batch, length = 3, 5
     x = torch.randn((batch, length, 8) if batch_first else (length, batch, 8), dtype=F64)

@@ -163,19 +163,9 @@ def test_paper_default_is_sum_and_product_is_an_option():
     torch.testing.assert_close(product(x), x + x * torch.sigmoid(maps["channel"] * maps["spatial"]))
 
 
-def test_bfloat16_extremes_stay_finite():
-    module = BAM(32).eval().to(torch.bfloat16)
-    x = (torch.randn(2, 32, 8, 8) * 1e3).to(torch.bfloat16)
-    out = module(x)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-
-
 def test_registered_and_errors():
     assert isinstance(attnzoo.create("bam", 16), BAM)
     with pytest.raises(ValueError, match="variant"):
         BAM(16, variant="mine")
     with pytest.raises(ValueError, match="fusion"):
         BAM(16, fusion="max")
-    with pytest.raises(ValueError, match="4-D tensor"):
-        BAM(16)(torch.randn(2, 16, 5))
-    assert BAM(16).eval()(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)

@@ -22,12 +22,8 @@ perturbed = partial(randomize_, scale=0.1, shift=True)
 
 def build(**kwargs) -> CoAttention:
     torch.manual_seed(0)
-    module = perturbed(CoAttention(C, dtype=torch.float64, **kwargs))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, used in eval mode
-        for norm in [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
-            norm.running_mean.uniform_(-0.5, 0.5)
-            norm.running_var.uniform_(0.5, 2.0)
-    return module.eval()
+    # non-trivial BatchNorm statistics, used in eval mode
+    return perturbed(CoAttention(C, dtype=torch.float64, **kwargs), norm_statistics=True).eval()
 
 
 def inputs(seed: int = 1, scale: float = 1.0):
@@ -170,22 +166,7 @@ def test_large_features_stay_finite():
         assert all(torch.isfinite(o).all() for o in outs)
 
 
-def test_bfloat16_close_to_float32():
-    module = build().float()
-    x, y = (t.float() for t in inputs())
-    expected = module(x, y)
-    out = module.to(torch.bfloat16)(x.bfloat16(), y.bfloat16())
-    assert out.dtype == torch.bfloat16
-    assert (out.float() - expected).norm() / expected.norm() < 3e-2
-
-
 def test_bad_arguments():
-    module = build()
-    x, y = inputs()
-    with pytest.raises(ValueError, match=f"C={C}"):
-        module(x, y[:, :-1])
-    with pytest.raises(ValueError, match="B=2"):
-        module(x, y[:1])
     with pytest.raises(ValueError, match="form"):
         CoAttention(8, form="diagonal")
     with pytest.raises(ValueError, match="variant"):

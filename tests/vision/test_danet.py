@@ -3,22 +3,19 @@ branches alone and together, any H x W, and PAM's fused path (values wider than 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import attnzoo
-from attnzoo.testing import OpRecorder
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.danet import ChannelAttentionModule, DualAttention, PositionAttentionModule
 
 F64 = torch.float64
 
 
-def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module.eval()
+perturbed = partial(randomize_, scale=0.3, shift=True)  # no normalisation or dropout: mode-free
 
 
 def pam_reference(pam: PositionAttentionModule, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,21 +127,16 @@ def test_no_n_by_n_matrix_without_maps() -> None:
     assert not big, f"an N x N-sized tensor was formed: {big}"
 
 
-def test_large_energies_and_bfloat16() -> None:
+def test_large_energies() -> None:
+    # bfloat16 against float32: the conformance suite's test_dtypes_agree_with_float32
     torch.manual_seed(2)
     module = perturbed(DualAttention(16))
     # CAM's energies are sums over all N positions: ~ N * var on the diagonal
     x = 4 * torch.randn(2, 16, 24, 24)
-    small = torch.randn(2, 16, 12, 12)
     with torch.no_grad():
         out = module(x)
         explicit = module(x, return_attn=True)[0]
         expected = module.double()(x.double())
-        expected_small = module(small.double())
-        module.bfloat16()
-        half = module(small.bfloat16())
     assert torch.isfinite(out).all()
     assert ((out.double() - expected).norm() / expected.norm()) < 1e-5
     assert ((explicit.double() - expected).norm() / expected.norm()) < 1e-5
-    assert half.dtype == torch.bfloat16
-    assert ((half.double() - expected_small).norm() / expected_small.norm()) < 3e-2

@@ -96,20 +96,9 @@ def test_no_n_by_n_buffer():
     assert rec.largest_storage < n * n // 4  # the maps are (n, N), not (N, N)
 
 
-def test_half_precision():
-    module = randomize_(DoubleAttention(32)).to(torch.bfloat16)
-    x = (torch.randn(2, 32, 8, 8) * 30).to(torch.bfloat16)
-    out, maps = module(x, return_attn=True)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    torch.testing.assert_close(maps["gather"].float().sum(dim=(2, 3)), torch.ones(2, 8, dtype=torch.float32))
-
-
 def test_registered_and_errors():
     spec = attnzoo.get_spec("double_attention")
     assert spec.family == "non_local" and spec.placement == "stage" and spec.map_kind == "mixed"
     assert isinstance(attnzoo.create("double_attention", 16), DoubleAttention)
     with pytest.raises(ValueError, match="attn_channels"):
         DoubleAttention(16, attn_channels=0)
-    with pytest.raises(ValueError, match="expected C=16"):
-        DoubleAttention(16)(torch.randn(2, 8, 4, 4))
-    assert DoubleAttention(16)(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnzoo
+from attnzoo.testing import randomize_
 from attnzoo.vision.sag_mask import SAGMask
 
 F64 = torch.float64
@@ -43,11 +46,7 @@ def sag_reference(m: SAGMask, x, order=("max", "mean")):
     return masks + m.predictor.bias[None, :, None, None], attn
 
 
-def randomise(module, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+randomise = partial(randomize_, scale=0.1)
 
 
 def test_matches_equations():
@@ -113,13 +112,6 @@ def test_zero_rois_pass_through_in_train_and_eval():
     assert masks.shape == (0, 4, 28, 28) and attn.shape == (0, 1, 14, 14)
 
 
-def test_bfloat16_extremes_stay_finite():
-    module = SAGMask(16, num_classes=4).to(torch.bfloat16)
-    x = (torch.randn(2, 16, 14, 14) * 1e3).to(torch.bfloat16)
-    masks, attn = module(x, return_attn=True)
-    assert masks.dtype == torch.bfloat16 and torch.isfinite(masks).all() and torch.isfinite(attn).all()
-
-
 def test_registered_and_errors():
     spec = attnzoo.get_spec("sag_mask")
     assert spec.cls is SAGMask and not spec.shape_preserving
@@ -129,5 +121,3 @@ def test_registered_and_errors():
         SAGMask(16, num_classes=0)
     with pytest.raises(ValueError, match="variant"):
         SAGMask(16, variant="v2")
-    with pytest.raises(ValueError, match="15"):
-        SAGMask(16)(torch.randn(1, 15, 14, 14))

@@ -3,22 +3,19 @@ fused path without the N x N matrix, and the spectral-norm option."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import attnzoo
-from attnzoo.testing import OpRecorder
+from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.sagan import SAGANAttention
 
 F64 = torch.float64
 
 
-def perturbed(module: SAGANAttention, seed: int = 0) -> SAGANAttention:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module.eval()
+perturbed = partial(randomize_, scale=0.3, shift=True)  # no normalisation or dropout: mode-free
 
 
 def pool2x2(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -107,23 +104,18 @@ def test_no_n_by_n_matrix_without_maps(variant: str) -> None:
     assert not any("softmax" in name or "bmm" in name for name in names)
 
 
-def test_large_logits_and_bfloat16() -> None:
+def test_large_logits() -> None:
+    # bfloat16 against float32: the conformance suite's test_dtypes_agree_with_float32
     torch.manual_seed(1)
     module = perturbed(SAGANAttention(32))
     x = 20 * torch.randn(2, 32, 8, 8)  # logits in the thousands
-    small = torch.randn(2, 32, 8, 8)
     with torch.no_grad():
         fused = module(x)
         explicit, beta = module(x, return_attn=True)
         expected = module.double()(x.double())
-        expected_small = module(small.double())
-        module.bfloat16()
-        half = module(small.bfloat16())
     assert torch.isfinite(fused).all() and torch.isfinite(beta).all()
     assert ((fused.double() - expected).norm() / expected.norm()) < 1e-5
     assert ((explicit.double() - expected).norm() / expected.norm()) < 1e-5
-    assert half.dtype == torch.bfloat16
-    assert ((half.double() - expected_small).norm() / expected_small.norm()) < 3e-2
 
 
 def test_spectral_norm_option() -> None:
@@ -156,10 +148,5 @@ def test_bad_arguments_and_inputs() -> None:
     with pytest.raises(ValueError, match="variant"):
         SAGANAttention(32, variant="biggan")
     module = SAGANAttention(32, variant="official")
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(ValueError, match="at least"):  # the official max-pool needs two rows
         module(torch.randn(1, 32, 1, 9))
-    with pytest.raises(ValueError, match="expected"):
-        module(torch.randn(1, 32, 8))  # a sequence: SAGAN is an image block
-    with pytest.raises(ValueError, match="33"):
-        module(torch.randn(1, 33, 4, 4))
-    assert module(torch.randn(0, 32, 4, 4)).shape == (0, 32, 4, 4)

@@ -247,11 +247,3 @@ def test_shape_preserving_and_registered() -> None:
 def test_bad_arguments(args, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         SelfCalibratedConv(*args, **kwargs)
-
-
-def test_input_errors_name_the_argument() -> None:
-    module = SelfCalibratedConv(64).eval()
-    with pytest.raises(ValueError, match="expected C=64.*got 32"):
-        module(torch.randn(1, 32, 8, 8))
-    with pytest.raises(ValueError, match="empty"):
-        module(torch.randn(1, 64, 0, 8))

@@ -245,14 +245,6 @@ def test_bad_arguments(args, kwargs, match) -> None:
         SelectiveKernel(*args, **kwargs)
 
 
-def test_input_errors_name_the_argument() -> None:
-    module = SelectiveKernel(64).eval()
-    with pytest.raises(ValueError, match="expected C=64.*got 32"):
-        module(torch.randn(1, 32, 8, 8))
-    with pytest.raises(TypeError, match="float"):
-        module(torch.ones(1, 64, 8, 8, dtype=torch.int32))
-
-
 @pytest.mark.parametrize(
     ("norm_layer", "ref_norm"),
     [(None, no_norm), (partial(nn.GroupNorm, 4), ref_group_norm)],
