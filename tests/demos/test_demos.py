@@ -116,6 +116,31 @@ def test_compare_takes_an_image_folder(tmp_path):
     assert "images" in report.read_text()
 
 
+def test_compare_builds_conv_replacing_networks_beside_gating_ones(tmp_path):
+    """`compare --mechanisms none,se,sasa`: each network with the placement its spec declares:
+    SASA replaces the blocks' strided 3x3 convolution (the stem stays a conv), SE sits on the
+    residual branch with every 3x3 conv kept."""
+    from types import SimpleNamespace
+
+    from attnzoo.demos.compare import build_model
+    from attnzoo.vision.sasa import SASA
+
+    config = tiny_compare(tmp_path, mechanisms=["none", "se", "sasa"])
+    data = SimpleNamespace(classes=list("0123456789"), in_chans=1)
+    sasa = build_model("sasa", config, data)
+    blocks = [b for stage in sasa.stages for b in stage.blocks]
+    assert attnzoo.get_spec("sasa").placement == "conv"
+    assert all(isinstance(b.conv1, SASA) and b.attn is None for b in blocks)
+    assert isinstance(sasa.stem[0], torch.nn.Conv2d)
+    assert [b.conv1.stride for b in blocks] == [1, 2, 2]  # the stride moves into the attention layer
+    se = build_model("se", config, data)
+    se_blocks = [b for stage in se.stages for b in stage.blocks]
+    assert all(b.attn.registry_name == "se" for b in se_blocks)
+    assert all(isinstance(b.conv1, torch.nn.Conv2d) and b.conv1.kernel_size == (3, 3) for b in se_blocks)
+    x = torch.randn(2, 1, 32, 32)
+    assert sasa(x).shape == se(x).shape == build_model("none", config, data)(x).shape == (2, 10)
+
+
 def test_compare_cli_rejects_unknown_mechanisms(capsys):
     assert main(["compare", "--mechanisms", "none,cbamm", "--quiet"]) == 2
     assert "did you mean 'cbam'" in capsys.readouterr().err

@@ -250,6 +250,28 @@ def test_conv_replaced_parameter_counts_match_published(conv, published):
         assert abs(1 - measured / count(build_meta(50)) - 0.29) < 0.01
 
 
+def test_lr_net_26_matches_the_published_count_and_layout():
+    """LR-Net (arXiv:1904.11491), Table 1: LR-Net-26 14.7M parameters (ResNet-26: 16.0M), the 3x3
+    convs 7x7 local relation layers in bottlenecks of widths 100, 200, 400, 800 and the 7x7 stem
+    a 1x1 conv and a 7x7 local relation layer of stride 2."""
+    from attnzoo.vision.local_relation import LocalRelation
+
+    assert abs(count(build_meta(26)) - 16.0e6) / 16.0e6 < 0.01
+    model = resnet(26, conv="local_relation", device="meta")
+    measured = count(model)
+    assert abs(measured - 14.7e6) / 14.7e6 < 0.01, measured
+    # 100 is no multiple of m = 8: the first stage is 104 wide; the others are the paper's
+    assert [stage.blocks[0].conv2.channels for stage in model.stages] == [104, 200, 400, 800]
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    assert all(isinstance(b.conv2, LocalRelation) and b.conv2.kernel_size == 7 for b in blocks)
+    assert model.stem[0].kernel_size == (1, 1) and isinstance(model.stem[3], LocalRelation)
+    assert model.stem[3].stride == 2 and model.stem[3].channel_sharing == 8
+    # the widths and the stem belong to the paper network only: compare's conv placement keeps them
+    plain = resnet(26, "local_relation", device="meta")
+    assert isinstance(plain.stem[0], nn.Conv2d) and plain.stem[0].kernel_size == (7, 7)
+    assert plain.stages[0].blocks[0].conv2.channels == 64
+
+
 def test_conv_replaces_the_3x3_convs_of_the_papers_stages_and_keeps_bn_and_stem():
     from attnzoo.vision.aa_conv import AAConv2d
     from attnzoo.vision.sasa import SASA

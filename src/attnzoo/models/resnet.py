@@ -39,6 +39,8 @@ Placement = Literal["residual", "stage", "conv"]
 #: Depth -> (block, blocks per stage) of the ImageNet ResNets (paper Table 1).
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
     18: ("basic", (2, 2, 2, 2)),
+    # ResNet-26, the baseline of LR-Net (arXiv:1904.11491, Table 1): two bottlenecks a stage
+    26: ("bottleneck", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
@@ -60,7 +62,16 @@ CONV_PAPER_SETTINGS: dict[str, tuple[dict[str, Any], int | None]] = {
     "sasa": ({}, None),
     # the learned quadratic-encoding layer (arXiv:1911.03584) with 9 heads, a 3x3 conv's worth
     "conv_as_attention": ({"bias": False}, None),
+    # LR-Net (arXiv:1904.11491, sec. 4 and Table 1): every 3x3 conv a 7x7 local relation layer,
+    # m = 8 (the layer's defaults)
+    "local_relation": ({}, None),
 }
+
+#: LR-Net's changes beyond the replaced convolutions (arXiv:1904.11491, Table 1, LR-Net-26):
+#: bottleneck widths 100, 200, 400, 800 instead of 64 ... 512 (the same FLOPs as ResNet-26), and
+#: the 7x7 stem convolution replaced by a 1x1 conv to 64 channels and a 7x7 local relation layer
+#: of stride 2. Name -> (bottleneck width ratio, replace the stem).
+CONV_NETWORK_CHANGES: dict[str, tuple[float, bool]] = {"local_relation": (100 / 64, True)}
 
 
 def _conv_plan(
@@ -89,13 +100,31 @@ def _conv_plan(
     return dict(kwargs), chosen
 
 
+def _network_changes(conv: str | None) -> dict[str, Any]:
+    """``resnet(conv=NAME)``: the paper network's bottleneck widths and stem (``CONV_NETWORK_CHANGES``)."""
+    ratio, stem = CONV_NETWORK_CHANGES.get(conv, (1.0, False)) if conv is not None else (1.0, False)
+    return {"bottleneck_ratio": ratio, "replace_stem": stem}
+
+
 def _sk_defaults(in_width: int, out_width: int) -> dict[str, Any]:
     # SK's G = 32 groups must divide both widths: narrow (CIFAR) layers get the largest divisor
     return {"groups": math.gcd(32, math.gcd(in_width, out_width))}
 
 
+def _sasa_defaults(in_width: int, out_width: int) -> dict[str, Any]:
+    # SASA's 8 heads need a width of 16 k (a row and a column half a head): narrow (CIFAR, compare
+    # --width 4) layers get the most heads, at most 8, that divide it
+    heads = 8
+    while heads > 1 and out_width % (2 * heads):
+        heads //= 2
+    return {"num_heads": heads}
+
+
 #: Per-name constructor defaults that depend on the layer's widths (a user's kwargs win).
-_WIDTH_DEFAULTS: dict[str, Callable[[int, int], dict[str, Any]]] = {"sk": _sk_defaults}
+_WIDTH_DEFAULTS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "sk": _sk_defaults,
+    "sasa": _sasa_defaults,
+}
 
 
 @dataclass
@@ -112,6 +141,10 @@ class _Plan:
     keep_norm: bool = False
     #: the stages whose 3x3 convolutions a "conv" placement replaces (None: all)
     conv_stages: tuple[int, ...] | None = None
+    #: the inner width of a bottleneck whose 3x3 conv is replaced, times ``planes`` (LR-Net: 100 / 64)
+    bottleneck_ratio: float = 1.0
+    #: replace the 7x7 stem conv by a 1x1 conv and the mechanism with stride 2 (LR-Net)
+    replace_stem: bool = False
 
     def replaces_conv(self, stage: int) -> bool:
         return self.placement == "conv" and (self.conv_stages is None or stage in self.conv_stages)
@@ -138,8 +171,12 @@ class _Plan:
         return "out_channels" in inspect.signature(get_spec(self.name).cls).parameters
 
 
-def _conv(cin: int, cout: int, k: int, stride: int, factory: Mapping[str, Any]) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False, **factory)
+def _conv(
+    cin: int, cout: int, k: int, stride: int, factory: Mapping[str, Any], dilation: int = 1
+) -> nn.Conv2d:
+    return nn.Conv2d(
+        cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, bias=False, **factory
+    )
 
 
 def _call(module: nn.Module, x: Tensor, maps: dict[str, Any] | None, key: str) -> Tensor:
@@ -162,7 +199,14 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, in_width: int, planes: int, stride: int, stage: int, plan: _Plan, factory: Mapping[str, Any]
+        self,
+        in_width: int,
+        planes: int,
+        stride: int,
+        stage: int,
+        plan: _Plan,
+        factory: Mapping[str, Any],
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         out_width = planes * self.expansion
@@ -175,14 +219,14 @@ class BasicBlock(nn.Module):
             self.bn1: nn.Module = nn.BatchNorm2d(planes, **factory) if plan.keep_norm else nn.Identity()
             self.act1: nn.Module = nn.ReLU(inplace=True) if plan.keep_norm else nn.Identity()
         else:
-            self.conv1 = _conv(in_width, planes, 3, stride, factory)
+            self.conv1 = _conv(in_width, planes, 3, stride, factory, dilation)
             self.bn1 = nn.BatchNorm2d(planes, **factory)
             self.act1 = nn.ReLU(inplace=True)
         if replace_second:
             self.conv2: nn.Module = plan.make_conv(stage, planes, out_width, 1)
             self.bn2: nn.Module = nn.BatchNorm2d(out_width, **factory) if plan.keep_norm else nn.Identity()
         else:
-            self.conv2 = _conv(planes, out_width, 3, 1, factory)
+            self.conv2 = _conv(planes, out_width, 3, 1, factory, dilation)
             self.bn2 = nn.BatchNorm2d(out_width, **factory)
         self.attn = plan.make(stage, out_width) if placement == "residual" else None
         # which conv an attention module replaced: 0 none, 1 or 2
@@ -207,19 +251,30 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, in_width: int, planes: int, stride: int, stage: int, plan: _Plan, factory: Mapping[str, Any]
+        self,
+        in_width: int,
+        planes: int,
+        stride: int,
+        stage: int,
+        plan: _Plan,
+        factory: Mapping[str, Any],
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         out_width = planes * self.expansion
+        self.conv_attn = plan.replaces_conv(stage)
+        if self.conv_attn:
+            # the inner width (LR-Net: 100 / 64 wider), a multiple of 8 so that groups of m = 8
+            # channels divide it (LR-Net's first stage: 104 for the paper's 100)
+            planes = 8 * math.ceil(planes * plan.bottleneck_ratio / 8)
         self.conv1 = _conv(in_width, planes, 1, 1, factory)
         self.bn1 = nn.BatchNorm2d(planes, **factory)
-        self.conv_attn = plan.replaces_conv(stage)
         if self.conv_attn:
             self.conv2: nn.Module = plan.make_conv(stage, planes, planes, stride)
             self.bn2: nn.Module = nn.BatchNorm2d(planes, **factory) if plan.keep_norm else nn.Identity()
             self.act2: nn.Module = nn.ReLU(inplace=True) if plan.keep_norm else nn.Identity()
         else:
-            self.conv2 = _conv(planes, planes, 3, stride, factory)
+            self.conv2 = _conv(planes, planes, 3, stride, factory, dilation)
             self.bn2 = nn.BatchNorm2d(planes, **factory)
             self.act2 = nn.ReLU(inplace=True)
         self.conv3 = _conv(planes, out_width, 1, 1, factory)
@@ -285,15 +340,30 @@ class ResNet(nn.Module):
         in_chans: int,
         plan: _Plan,
         zero_init_residual: bool = False,
+        dilations: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        # a dilated stage keeps its input's resolution (stride 1) and widens its 3x3 convolutions
+        # instead (DeepLab, arXiv:1606.00915): the segmentation backbones of output stride 8
+        dilations = tuple(dilations) if dilations is not None else (1,) * len(layers)
         self.in_chans, self.num_classes = in_chans, num_classes
         self.attention, self.placement = plan.name, plan.placement
         stem_width = widths[0]
-        if stem == "imagenet":
+        if stem == "imagenet" and plan.replace_stem:
+            # LR-Net: a 1x1 conv and the mechanism with stride 2 (its BN and ReLU), then max pool
+            self.stem = nn.Sequential(
+                _conv(in_chans, stem_width, 1, 1, factory),
+                nn.BatchNorm2d(stem_width, **factory),
+                nn.ReLU(inplace=True),
+                plan.make_conv(0, stem_width, stem_width, 2),
+                nn.BatchNorm2d(stem_width, **factory),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        elif stem == "imagenet":
             # 7x7 stride 2 and a 3x3 max pool: 224 -> 56 before the first stage
             self.stem = nn.Sequential(
                 _conv(in_chans, stem_width, 7, 2, factory),
@@ -313,8 +383,8 @@ class ResNet(nn.Module):
         for s, (planes, count) in enumerate(zip(widths, layers)):
             blocks = []
             for i in range(count):
-                stride = 2 if (i == 0 and s > 0) else 1
-                blocks.append(block(in_width, planes, stride, s, plan, factory))
+                stride = 2 if (i == 0 and s > 0 and dilations[s] == 1) else 1
+                blocks.append(block(in_width, planes, stride, s, plan, factory, dilations[s]))
                 in_width = planes * block.expansion
             last = s == len(layers) - 1
             attn = plan.make(s, in_width) if plan.placement == "stage" and not last else None
@@ -377,13 +447,14 @@ def resnet(
     conv_stages: Sequence[int] | None = None,
     stage_attention_kwargs: Sequence[Mapping[str, Any]] | None = None,
     zero_init_residual: bool = False,
+    output_stride: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     **attention_kwargs: Any,
 ) -> ResNet:
     """A ResNet with the registered mechanism ``attention`` (None: the plain network).
 
-    Depths 18, 34 (basic blocks), 50, 101, 152 (bottlenecks) are the ImageNet networks: four stages
+    Depths 18, 34 (basic blocks), 26, 50, 101, 152 (bottlenecks) are the ImageNet networks: four stages
     of widths ``width * (1, 2, 4, 8)`` (64 by default), a 7x7/2 stem with max pooling (or, with
     ``stem="cifar"``, a 3x3/1 stem without pooling, as the BAM/CBAM code trains on CIFAR).
     Depths 8, 14, 20, 32, 44, 56, 110 are the CIFAR ResNets: three stages of (depth - 2) / 6 basic blocks,
@@ -392,7 +463,7 @@ def resnet(
     shape changes; the stride sits on the 3x3 conv (torchvision's "v1.5").
 
     Args:
-        depth: 18, 34, 50, 101, 152 or 8, 14, 20, 32, 44, 56, 110.
+        depth: 18, 34, 26, 50, 101, 152 or 8, 14, 20, 32, 44, 56, 110.
         attention: a registered name (``attnzoo.list_modules()``), or None.
         num_classes: output classes (default 1000 for ImageNet depths, 10 for CIFAR depths).
         in_chans: input channels (1 for grey images).
@@ -411,6 +482,11 @@ def resnet(
             modules, e.g. ECA's per-stage kernel sizes of the released models:
             ``[{"kernel_size": k} for k in (3, 5, 5, 7)]``.
         zero_init_residual: zero the last BN of each block so blocks start as identities.
+        output_stride: the input's size over the last stage's (None: the network's own, 32 for
+            the ImageNet stem, 4 for the CIFAR one); a smaller power of two replaces the strides
+            of the last stages by dilations (DeepLab, arXiv:1606.00915): ``output_stride=8`` is
+            the dilated ResNet of the segmentation papers (the last two stages dilated 2 and 4).
+            A ``"conv"`` mechanism in a dilated stage runs undilated.
         device, dtype: for every parameter (``device="meta"`` counts parameters without memory).
         **attention_kwargs: passed to every attention module's constructor.
 
@@ -487,8 +563,10 @@ def resnet(
         factory,
         keep_norm=conv is not None,
         conv_stages=replaced_stages,
+        **_network_changes(conv),
     )
     block = BasicBlock if kind == "basic" else Bottleneck
+    dilations = _stage_dilations(4 if stem == "imagenet" else 1, len(layers), output_stride)
     return ResNet(
         block,
         layers,
@@ -498,5 +576,24 @@ def resnet(
         in_chans=in_chans,
         plan=plan,
         zero_init_residual=zero_init_residual,
+        dilations=dilations,
         **factory,
     )
+
+
+def _stage_dilations(stem_stride: int, num_stages: int, output_stride: int | None) -> tuple[int, ...] | None:
+    """Each stage's dilation for ``output_stride``: once the stride is reached, every later stage
+    keeps the resolution and doubles the dilation (None: no dilation)."""
+    if output_stride is None:
+        return None
+    valid = [stem_stride * 2**k for k in range(num_stages)]
+    if output_stride not in valid:
+        raise ValueError(f"output_stride: expected one of {valid} for this network, got {output_stride!r}")
+    dilations, reached, dilation = [], stem_stride, 1
+    for s in range(num_stages):
+        if s > 0 and reached < output_stride:
+            reached *= 2
+        elif s > 0:
+            dilation *= 2
+        dilations.append(dilation)
+    return tuple(dilations)
