@@ -304,9 +304,13 @@ def _setting(text: str) -> tuple[str, dict[str, Any]]:
 #: Options of `attnzoo compare` that belong to some tasks only (given for another task, they are an
 #: error rather than silently ignored). Each task's module reads its own.
 TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "image_size": ("classification",),
-    "depth": ("classification",),
-    "width": ("classification",),
+    "image_size": ("classification", "segmentation"),
+    "depth": ("classification", "segmentation"),
+    "width": ("classification", "segmentation"),
+    "upsample": ("segmentation",),
+    "tasks": ("sequence",),
+    "lengths": ("sequence",),
+    "cost_lengths": ("sequence",),
 }
 
 
@@ -531,22 +535,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--mechanisms",
         type=_names,
         help="comma-separated names; 'none' is the plain network (default for classification: "
-        f"{','.join(DEFAULT_MECHANISMS)})",
+        f"{','.join(DEFAULT_MECHANISMS)}; for segmentation: none,non_local,dnl,danet,criss_cross,"
+        "glore,cgnl,gc, and 'all' adds asymmetric_non_local,psa,adaptive_context,spygr,dgmn,"
+        "double_attention)",
     )
-    p.add_argument("--epochs", type=_positive, help="default: 8 for classification")
-    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
-    p.add_argument("--image-size", type=_positive, help="classification: default 32")
     p.add_argument(
-        "--depth", type=int, help="classification: ResNet depth 8 (default), 14, 20, 32, ... or 18, 34, 50"
+        "--epochs", type=_positive, help="default: 8 (classification), 16 (segmentation), 15 (sequence)"
     )
-    p.add_argument("--width", type=_positive, help="classification: first-stage width (default 16)")
-    p.add_argument("--batch-size", type=_positive, help="default: 32 for classification")
-    p.add_argument("--lr", type=float, help="default: 5e-3 for classification")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
+    p.add_argument("--image-size", type=_positive, help="default 32 (classification), 48 (segmentation)")
+    p.add_argument(
+        "--depth",
+        type=int,
+        help="ResNet depth: classification 8 (default), 14, 20, ... or 18, 34, 50; segmentation 18 "
+        "(default), 34, 50",
+    )
+    p.add_argument("--width", type=_positive, help="first-stage width (default 16; segmentation 8)")
+    p.add_argument("--batch-size", type=_positive, help="default: 32 for classification, 16 for segmentation")
+    p.add_argument("--lr", type=float, help="default: 5e-3 for classification, 1e-2 for segmentation")
     p.add_argument(
         "--data",
-        help="classification: an image folder with one sub-folder per class (default: cluttered digits)",
+        help="classification: an image folder with one sub-folder per class (default: cluttered digits); "
+        "sequence: a text file, one LABEL<TAB>TOKEN TOKEN ... per line",
     )
     p.add_argument("--limit", type=_positive, help="use at most this many training examples")
+    p.add_argument(
+        "--upsample",
+        choices=("bilinear", "carafe"),
+        help="segmentation: the decoder's upsampling of the head's output (default bilinear)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_names,
+        help="sequence: generated tasks, retrieval,listops (default both; sequence defaults: the six "
+        "sequence mechanisms, 15 epochs, batch 32, lr 2e-3, output reports/compare-sequence)",
+    )
+    p.add_argument(
+        "--lengths", type=_seeds, help="sequence: comma-separated trained lengths (default 64)"
+    )
+    p.add_argument(
+        "--cost-lengths",
+        type=_seeds,
+        help="sequence: lengths where step time, memory and FLOPs are measured (default 256,...,4096)",
+    )
     p.add_argument(
         "--output", "-o", help="report folder (default reports/compare, reports/compare-TASK for the others)"
     )

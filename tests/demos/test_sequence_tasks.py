@@ -47,8 +47,9 @@ def test_retrieval_label_is_whether_the_query_is_a_key() -> None:
     task = retrieval(40, 200, 50, seed=2, num_keys=4)
     for tokens, label in zip(task.train_tokens, task.train_labels):
         assert tokens[0] == CLS
-        keys, query = set(tokens[1:5].tolist()), tokens[-1].item()
-        assert (query in keys) == bool(label)
+        keys, query = set(tokens[1:5].tolist()), task.vocab[tokens[-1].item()]
+        assert query.startswith("q")  # the query is a query token, q_i asks about k_i
+        assert (task.vocab.index("k" + query[1:]) in keys) == bool(label)
         # the filler never uses key tokens, so only the first keys can answer
         assert not set(tokens[5:-1].tolist()) & set(range(2, 18))
     balance = task.train_labels.float().mean().item()

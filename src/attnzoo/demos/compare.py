@@ -418,8 +418,11 @@ def train_model(
     info: DistInfo,
     progress: ProgressSink,
     label: str = "",
+    score: Callable[[nn.Module, Tensor, Tensor], float] | None = None,
+    metric: str = "acc",
 ) -> tuple[nn.Module, list[float], list[float]]:
-    """Train ``model``; returns the trained (unwrapped) model, test accuracy and mean loss per epoch."""
+    """Train ``model``; returns the trained (unwrapped) model, the test score (``score(model, x,
+    y)``, accuracy by default; named ``metric`` in the progress line) and mean loss per epoch."""
     # channels-last is oneDNN's preferred layout on CPU: about 25% faster steps for this ResNet.
     # NOTE: not below 8 channels: torch 2.13's CPU kernels corrupt memory on channels-last maps of
     # 4 channels in the backward (double free, segfault; seen with width 4 on the 2-core machine)
@@ -450,8 +453,10 @@ def train_model(
             info,
         )
         losses.append(loss)
-        curve.append(evaluate(core, data.test_x.to(info.device), data.test_y.to(info.device)))
-        progress.update(f"{label}seed {seed} epoch {epoch + 1}/{config.epochs}: test acc {curve[-1]:.3f}")
+        curve.append((score or evaluate)(core, data.test_x.to(info.device), data.test_y.to(info.device)))
+        progress.update(
+            f"{label}seed {seed} epoch {epoch + 1}/{config.epochs}: test {metric} {curve[-1]:.3f}"
+        )
     return core, curve, losses
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from attnzoo.models.captioner import ShowAttendTellCaptioner
 from attnzoo.models.resnet import ResNet, resnet
 from attnzoo.models.san import SAN, san
+from attnzoo.models.segmentation import SegmentationNet
 from attnzoo.models.seq2seq import Seq2Seq
 
-__all__ = ["SAN", "ResNet", "Seq2Seq", "ShowAttendTellCaptioner", "resnet", "san"]
+__all__ = ["SAN", "ResNet", "SegmentationNet", "Seq2Seq", "ShowAttendTellCaptioner", "resnet", "san"]
