@@ -56,6 +56,7 @@ __all__ = [
     "MapRow",
     "MechanismResult",
     "check_config",
+    "check_names",
     "cnn_mechanisms",
     "comparison_table",
     "load_images",
@@ -323,6 +324,17 @@ def _check_options(name: str, options: dict[str, Any]) -> None:
             )
 
 
+def check_names(mechanisms: Sequence[str], *, example: str) -> list[str]:
+    """The mechanism list of a comparison (every task): not empty, no name twice; returns it."""
+    names = list(mechanisms)
+    if not names:
+        raise ValueError(f"mechanisms: expected at least one name (e.g. {example})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"mechanisms: {', '.join(twice)} listed more than once")
+    return names
+
+
 def check_config(config: CompareConfig, data: Dataset | None = None) -> None:
     """Reject a configuration that could not train, before any training: in a second rather than
     after the first runs.
@@ -337,12 +349,7 @@ def check_config(config: CompareConfig, data: Dataset | None = None) -> None:
     """
     import attnzoo
 
-    names = list(config.mechanisms)
-    if not names:
-        raise ValueError("mechanisms: expected at least one name (e.g. none,se,cbam)")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"mechanisms: {', '.join(twice)} listed more than once")
+    names = check_names(config.mechanisms, example="none,se,cbam")
     for name in names:
         if name == "none":
             continue

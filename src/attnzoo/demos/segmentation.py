@@ -43,6 +43,7 @@ from attnzoo.demos.compare import (
     MechanismResult,
     _check_options,
     _latency_change,
+    check_names,
     measure_cost,
     measure_latency,
     module_views,
@@ -460,12 +461,7 @@ def check_config(config: SegmentationConfig, data: Dataset | None = None) -> Non
     import attnzoo
     from attnzoo.models.resnet import IMAGENET_DEPTHS
 
-    names = list(config.mechanisms)
-    if not names:
-        raise ValueError("mechanisms: expected at least one name (e.g. none,non_local,danet)")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"mechanisms: {', '.join(twice)} listed more than once")
+    names = check_names(config.mechanisms, example="none,non_local,danet")
     for name in names:
         if name == "none":
             continue

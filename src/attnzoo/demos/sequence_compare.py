@@ -39,7 +39,7 @@ from torch import Tensor
 
 from attnzoo._progress import Progress
 from attnzoo.bench.measure import count_flops, peak_memory, time_call
-from attnzoo.demos.compare import _check_options, evaluate, prepare_output
+from attnzoo.demos.compare import _check_options, check_names, evaluate, prepare_output
 from attnzoo.demos.distributed import (
     DistInfo,
     cleanup_distributed,
@@ -221,12 +221,7 @@ def check_config(config: SequenceConfig) -> None:
     """
     import attnzoo
 
-    names = list(config.mechanisms)
-    if not names:
-        raise ValueError(f"mechanisms: expected at least one name (e.g. {','.join(SEQUENCE_MECHANISMS)})")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"mechanisms: {', '.join(twice)} listed more than once")
+    names = check_names(config.mechanisms, example=",".join(SEQUENCE_MECHANISMS))
     for name in names:
         if name not in ENCODER_MECHANISMS:
             try:
