@@ -32,6 +32,8 @@ class OpRecorder(TorchDispatchMode):
         #: elements of the largest storage any op's output lives in: unlike output shapes, this
         #: sees a large buffer behind a small view and ignores a broadcast (expanded) one
         self.largest_storage = 0
+        #: elements of the storage behind every output, in dispatch order (views repeat their base's)
+        self.storage_sizes: list[int] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -39,9 +41,8 @@ class OpRecorder(TorchDispatchMode):
         self.calls.append((str(func), [tuple(t.shape) for t in tensors]))
         for t in tensors:
             if t.device.type != "meta":
-                self.largest_storage = max(
-                    self.largest_storage, t.untyped_storage().nbytes() // t.element_size()
-                )
+                self.storage_sizes.append(t.untyped_storage().nbytes() // t.element_size())
+                self.largest_storage = max(self.largest_storage, self.storage_sizes[-1])
         return out
 
     def names(self) -> list[str]:

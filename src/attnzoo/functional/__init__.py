@@ -25,6 +25,7 @@ from attnzoo.functional.global_reasoning import (
     double_attention,
     graph_reasoning,
     normalized_laplacian_apply,
+    point_wise_attention_,
     point_wise_logits,
 )
 from attnzoo.functional.heads import (
@@ -50,7 +51,7 @@ from attnzoo.functional.local_window import (
     window_stack,
     window_taps,
 )
-from attnzoo.functional.softmax import compute_dtype, masked_softmax
+from attnzoo.functional.softmax import compute_dtype, masked_softmax, softmax_
 from attnzoo.functional.window import (
     SMALL_HEAD_DIM,
     masked_value,
@@ -87,10 +88,12 @@ __all__ = [
     "merge_masks_for_heads",
     "normalized_laplacian_apply",
     "pad_mask",
+    "point_wise_attention_",
     "point_wise_logits",
     "project_heads",
     "relative_attention_2d",
     "resolve_key_value",
+    "softmax_",
     "split_heads",
     "window_aggregate",
     "window_attention",

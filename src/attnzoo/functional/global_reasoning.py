@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnzoo.functional.softmax import compute_dtype, masked_softmax
+from attnzoo.functional.softmax import compute_dtype, masked_softmax, softmax_
 
 __all__ = [
     "compact_generalized_attention",
@@ -21,6 +21,7 @@ __all__ = [
     "double_attention",
     "graph_reasoning",
     "normalized_laplacian_apply",
+    "point_wise_attention_",
     "point_wise_logits",
 ]
 
@@ -248,6 +249,89 @@ def point_wise_logits(
     logits = logits.masked_fill_(row_outside, fill).masked_fill_(col_outside, fill)
     logits = logits.reshape(batch, height * width, height * width)
     return logits
+
+
+def covers_map(mask_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether a mask_h x mask_w window centred on any position of an H x W map covers the map."""
+    return mask_size[0] >= 2 * size[0] - 1 and mask_size[1] >= 2 * size[1] - 1
+
+
+def point_wise_attention_(
+    logits: Tensor,
+    values: Tensor,
+    size: tuple[int, int],
+    mask_size: tuple[int, int],
+    *,
+    distribute: bool = False,
+    chunks: int = 16,
+) -> Tensor:
+    """PSANet's attention from position-major over-complete logits, re-indexed in their own storage.
+
+    The same computation as :func:`point_wise_logits` + softmax + product with the values, for a
+    mask window that covers the map (``mask_h >= 2H - 1``, ``mask_w >= 2W - 1``: the paper's
+    setting, every pair in the window) and without autograd. Laid out position-major, the
+    re-indexed logits are a strided view of the predicted ones: predictor p = (h, w) reads target
+    t = (t_h, t_w) at channel ``(t_h - h + half_h, t_w - w + half_w)``, an offset linear in
+    (h, w, t_h, t_w) with non-negative strides. That view is copied, a few rows of predictors at a
+    time, into the front of the same storage (the (N, N) logits fit: mask_h mask_w >= N), softmaxed
+    there in place and multiplied with the values: nothing quadratic beside the predicted map but
+    one block of ``N / chunks`` rows. Each block's destination ends before the sources of the
+    blocks after it (row p's destination starts at p N, its source at p mask_h mask_w >= p N), so
+    copying the blocks in order never overwrites a logit still to be read; a block whose
+    destination overlaps its own source goes through a copy of the block.
+
+    Args:
+        logits: (H, W, B, mask_h * mask_w), contiguous: at [h, w, b] the map predicted at (h, w),
+            row-major over the window. Overwritten (it holds the weights afterwards).
+        values: (B, N, C'), N = H W, in the logits' dtype.
+        size: (H, W).
+        mask_size: (mask_h, mask_w), covering the map.
+        distribute: the distribute branch (each target normalises over the predictors that
+            reach it) instead of collect (each predictor over its targets).
+        chunks: how many blocks of predictor rows the re-indexing copies (the bound on its extra
+            memory: one block).
+
+    Returns:
+        (B, N, C') contexts, row = the position whose context is formed (as
+        ``softmax(point_wise_logits(...)) @ values``).
+    """
+    height, width = size
+    mask_h, mask_w = mask_size
+    batch, window = logits.shape[2], mask_h * mask_w
+    n = height * width
+    if not covers_map(mask_size, size) or logits.shape != (height, width, batch, window):
+        raise ValueError(
+            f"logits: expected ({height}, {width}, B, {window}) maps whose window covers the {height} x "
+            f"{width} map, got {tuple(logits.shape)} with mask {mask_size}"
+        )
+    if torch.is_grad_enabled() and (logits.requires_grad or values.requires_grad):
+        raise RuntimeError("point_wise_attention_: in place, without autograd only")
+    if logits.numel() == 0:  # an empty batch: the strides below would be negative
+        return values.new_zeros(batch, n, values.shape[-1])
+    logits = logits.contiguous()
+    half_h, half_w = (mask_h - 1) // 2, (mask_w - 1) // 2
+    # (H_p, W_p, B, H_t, W_t): element (h, w, b, t_h, t_w) at offset
+    # h W B K + w B K + b K + (t_h - h + half_h) mask_w + (t_w - w + half_w), K = mask_h mask_w
+    reindexed = logits.as_strided(
+        (height, width, batch, height, width),
+        (width * batch * window - mask_w, batch * window - 1, window, mask_w, 1),
+        logits.storage_offset() + half_h * mask_w + half_w,
+    )
+    # the (N, B, N) result in the front of the storage, as (H_p, W_p, B, H_t, W_t)
+    compact = logits.view(-1)[: n * batch * n].view(height, width, batch, height, width)
+    rows = -(-height // max(1, chunks))  # predictor rows per block
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        block = reindexed[start:stop]
+        if stop * n > start * window:  # the block's destination reaches its own source
+            block = block.clone()
+        compact[start:stop].copy_(block)
+    weights = softmax_(compact.view(n, batch, n), dim=0 if distribute else -1)  # (N_p, B, N_t)
+    if distribute:
+        # z[b, t] = sum_p w[p, b, t] v[b, p]: (B, N_t, N_p) @ (B, N_p, C')
+        return torch.matmul(weights.permute(1, 2, 0), values)
+    # z[b, p] = sum_t w[p, b, t] v[b, t]: (B, N_p, N_t) @ (B, N_t, C')
+    return torch.matmul(weights.permute(1, 0, 2), values)
 
 
 def deformed_tap(x: Tensor, offsets: Tensor, dilation: int, tap: int, kernel: int = 3) -> Tensor:

@@ -10,7 +10,8 @@ Three things go wrong when each module writes its own softmax:
 
 :func:`masked_softmax` does all three. :func:`compute_dtype` is the precision rule alone, for
 kernels that normalise or accumulate by other means (scatter softmax over graph edges, running
-sums of the non-local family).
+sums of the non-local family). :func:`softmax_` normalises in the logits' own storage, for quadratic
+buffers that nothing else needs (no autograd).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "masked_softmax"]
+__all__ = ["compute_dtype", "masked_softmax", "softmax_"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -65,3 +66,24 @@ def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, dim: int = -1)
     empty = torch.isneginf(logits.amax(dim=dim, keepdim=True))  # size 1 along dim
     weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=dim, dtype=dtype)
     return weights.masked_fill(empty, 0.0)
+
+
+def softmax_(logits: Tensor, dim: int = -1) -> Tensor:
+    """``softmax(logits, dim)`` written into ``logits`` itself: no second buffer of its size.
+
+    For large logits that nothing else reads (PSANet's (N, N) maps) when autograd does not record:
+    each slice is shifted by its maximum, exponentiated and divided by its sum, in place; the sum
+    is accumulated in float32 for half-precision logits (the exponentials lie in [0, 1], safe in
+    float16). Every slice must hold a finite entry (an all -inf slice gives NaN, unlike
+    :func:`masked_softmax`); a NaN reaches its whole slice.
+
+    Example:
+        >>> softmax_(torch.tensor([[0.0, 0.0], [1e4, 1e4]]))
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        raise RuntimeError("softmax_: in place, without autograd only (use masked_softmax)")
+    logits.sub_(logits.amax(dim=dim, keepdim=True)).exp_()  # size 1 along dim, then in [0, 1]
+    total = logits.sum(dim=dim, keepdim=True, dtype=compute_dtype(logits.dtype))  # size 1 along dim
+    return logits.div_(total.to(logits.dtype))

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
-from attnzoo.functional.global_reasoning import point_wise_logits
-from attnzoo.functional.softmax import compute_dtype, masked_softmax
+from attnzoo._tracing import is_eager
+from attnzoo.functional.global_reasoning import covers_map, point_wise_attention_, point_wise_logits
+from attnzoo.functional.softmax import masked_softmax, softmax_
 from attnzoo.layers import NormLayer, create_norm, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import from_tokens, to_tokens
@@ -36,23 +37,6 @@ def _conv_bn_relu(
         create_norm(norm_layer, out_ch, **factory),
         nn.ReLU(),
     )
-
-
-def _softmax_rows_(logits: Tensor) -> Tensor:
-    """``softmax(logits, dim=-1)``, in place in ``logits`` when autograd does not record.
-
-    Without autograd the rows are shifted by their maximum, exponentiated and divided by their
-    sum (accumulated in float32 for half-precision logits) in ``logits``' own storage: no second
-    (N, N) buffer. With autograd the softmax allocates its output (its backward needs it) and the
-    logits are freed as soon as it is formed; half-precision logits then give float32 weights, as
-    :func:`~attnzoo.functional.softmax.masked_softmax`. Every row must hold a finite entry (PSANet's
-    rows always include the position itself); a NaN reaches the whole row.
-    """
-    if torch.is_grad_enabled():
-        return masked_softmax(logits, dim=-1)
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # in [0, 1]: safe in float16
-    total = logits.sum(dim=-1, keepdim=True, dtype=compute_dtype(logits.dtype))  # (B, N, 1)
-    return logits.div_(total.to(logits.dtype))
 
 
 class _Branch(nn.Module):
@@ -79,7 +63,8 @@ class _Branch(nn.Module):
     make_kwargs=lambda s: {"channels": s.width, "mask_size": 2 * s.extent - 1},
     make_inputs=image_input,
     cost="time O(B HW C C' + B (HW) m_h m_w C' + B (HW)^2 C'); memory O(B HW m_h m_w) for the "
-    "predicted maps (about 4 (HW)^2 at full coverage) plus the (HW)^2 re-indexed logits",
+    "predicted maps (about 4 (HW)^2 at full coverage), re-indexed in their own storage in inference "
+    "when the window covers the map; otherwise plus the (HW)^2 re-indexed logits",
     placement="head",
     map_kind="mixed",
     samples=(
@@ -130,11 +115,15 @@ class PointwiseSpatialAttention(nn.Module):
     ReLU to ``out_channels``.
 
     Memory: the predicted maps are quadratic by definition (mask_h mask_w per position, about 4 N
-    per position at full coverage). Beyond them a branch holds one (N, N) tensor: the gather that
-    re-indexes the maps, softmaxed in place (without autograd) and multiplied with the values by
-    one bmm; the predicted map is freed once gathered, and the branch's (N, N) tensor before the
-    next branch predicts. No index tensor, no mask copy, no attention-kernel workspace (an
-    additive float mask through :func:`~attnzoo.functional.attend.attend` would add them, and
+    per position at full coverage). In inference with a window covering the map, nothing else is:
+    the last 1x1 conv writes the maps position-major, and
+    :func:`~attnzoo.functional.global_reasoning.point_wise_attention_` re-indexes, softmaxes and
+    aggregates them in their own storage (one branch at a time). Otherwise (a smaller window,
+    training, ``return_attn``) a branch gathers the maps into one (N, N) tensor
+    (:func:`~attnzoo.functional.global_reasoning.point_wise_logits`), the predicted map is freed
+    once gathered, and the softmax is taken in place (without autograd) or into one new (N, N)
+    output (its backward needs it). No index tensor, no mask copy, no attention-kernel workspace
+    (an additive float mask through :func:`~attnzoo.functional.attend.attend` would add them, and
     the fused kernel gains nothing when every logit is given).
 
     Args:
@@ -213,19 +202,34 @@ class PointwiseSpatialAttention(nn.Module):
         A method of its own so that the branch's (N, N) buffer dies on return, before the next
         branch forms its predicted map (a loop variable would keep it alive across iterations).
         """
+        predict, size = self.paths[name].predict, reduced.shape[2:]
+        values = to_tokens(reduced)  # (B, C', h, w) -> (B, N, C')
+        if (
+            not (return_attn or torch.is_grad_enabled())
+            and covers_map(self.mask_size, size)
+            and is_eager(reduced)
+        ):
+            # the last 1x1 conv as a product laid out position-major, (h, w, B, C') @ (C', K) ->
+            # (h, w, B, K), which the re-indexing reads as a strided view and overwrites: the
+            # predicted map is the only quadratic buffer
+            hidden = predict[0](reduced).permute(2, 3, 0, 1)  # (B, C', h, w) -> (h, w, B, C')
+            logits = F.linear(hidden, predict[1].weight.flatten(1))
+            context = point_wise_attention_(
+                logits, values, size, self.mask_size, distribute=name == "distribute"
+            )
+            return from_tokens(context, size), None  # (B, N, C') -> (B, C', h, w)
         fill = float("-inf") if self.variant == "paper" else 0.0
         logits = point_wise_logits(
-            self.paths[name].predict(reduced), self.mask_size, distribute=name == "distribute", fill=fill
+            predict(reduced), self.mask_size, distribute=name == "distribute", fill=fill
         )  # (B, N, N): row = the position whose context is formed; the predicted map is freed here
-        values = to_tokens(reduced)  # (B, C', h, w) -> (B, N, C')
-        if return_attn:
+        if return_attn or torch.is_grad_enabled():
             weights = masked_softmax(logits, dim=-1)
         else:
-            # the gathered logits become the weights themselves: the re-indexing is the only
-            # (N, N) buffer beside the predicted map (no mask copy, no kernel workspace)
-            weights = _softmax_rows_(logits)
+            # the gathered logits become the weights themselves (a window smaller than the map):
+            # the re-indexing is the only (N, N) buffer beside the predicted map
+            weights = softmax_(logits, dim=-1)
         context = weights.to(values.dtype) @ values  # (B, N, N) @ (B, N, C') -> (B, N, C')
-        context = from_tokens(context, reduced.shape[2:])  # (B, N, C') -> (B, C', h, w)
+        context = from_tokens(context, size)  # (B, N, C') -> (B, C', h, w)
         return context, (weights if return_attn else None)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
