@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnzoo._tracing import is_eager
+
 __all__ = [
     "PaddingMode",
     "check_window",
@@ -316,7 +318,7 @@ def window_aggregate(
         )
     weights = weights.to(values.dtype)
     needs_grad = torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad)
-    if needs_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if needs_grad and is_eager(values):
         out = _WindowAggregate.apply(values, weights, kernel_size, stride, dilation, padding_mode, sharing)
         return out  # type: ignore[no-any-return]
     return _aggregate_loop(values, weights, kernel_size, stride, dilation, padding_mode, sharing)
@@ -419,7 +421,7 @@ def window_reassemble(values: Tensor, kernels: Tensor, kernel_size: int, scale: 
         )
     kernels = kernels.to(values.dtype)
     needs_grad = torch.is_grad_enabled() and (values.requires_grad or kernels.requires_grad)
-    if needs_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if needs_grad and is_eager(values):
         out = _WindowReassemble.apply(values, kernels, kernel_size, scale)
         return out  # type: ignore[no-any-return]
     return _reassemble_loop(values, kernels, kernel_size, scale)
@@ -489,11 +491,7 @@ def window_neg_sq_distance(
     The keys are never unfolded: each tap is a view, and in eager training the backward
     (:class:`_WindowNegSqDistance`) saves only q and k and recomputes the differences.
     """
-    if (
-        torch.is_grad_enabled()
-        and (query.requires_grad or keys.requires_grad)
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    ):
+    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad) and is_eager(query):
         out = _WindowNegSqDistance.apply(query, keys, kernel_size, groups, stride)
         return out  # type: ignore[no-any-return]
     return _neg_sq_distance_loop(query, keys, kernel_size, groups, stride)
@@ -554,11 +552,7 @@ def window_dot(query: Tensor, keys: Tensor, kernel_size: int, groups: int) -> Te
     The keys are never unfolded: each tap is a view, and in eager training the backward
     (:class:`_WindowDot`) saves only q and k.
     """
-    if (
-        torch.is_grad_enabled()
-        and (query.requires_grad or keys.requires_grad)
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    ):
+    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad) and is_eager(query):
         out = _WindowDot.apply(query, keys, kernel_size, groups)
         return out  # type: ignore[no-any-return]
     return _window_dot_loop(query, keys, kernel_size, groups)

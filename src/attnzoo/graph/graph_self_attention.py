@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_device, check_input, parameter_dtype
+from attnzoo._tracing import is_eager
 from attnzoo.functional.attend import attend_with_weights
 from attnzoo.functional.heads import check_heads
 from attnzoo.functional.softmax import compute_dtype
@@ -168,12 +169,6 @@ def dense_to_edge_index(adjacency: Tensor) -> Tensor:
     return torch.stack([source, target])
 
 
-def _tracing() -> bool:
-    """True under torch.compile / torch.export, where value checks on tensors cannot run."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return bool(torch.compiler.is_compiling() or exporting())
-
-
 def _example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     graph = binary_partition_graph(s.extent, k=2, device=s.device)
     generator = torch.Generator().manual_seed(0)
@@ -323,7 +318,7 @@ class GraphSelfAttention(nn.Module):
                 raise TypeError(f"edge_index: expected int64 (2, E) or bool (N, N), got {edge_index.dtype}")
             if edge_index.dim() != 2 or edge_index.shape[0] != 2:
                 raise ValueError(f"edge_index: expected shape (2, E), got {tuple(edge_index.shape)}")
-            if not _tracing() and edge_index.numel():
+            if is_eager(edge_index) and edge_index.numel():
                 # eager only: a value check cannot be traced, and out-of-range gathers fail anyway
                 low, high = int(edge_index.min()), int(edge_index.max())
                 if low < 0 or high >= num_nodes:
@@ -343,7 +338,7 @@ class GraphSelfAttention(nn.Module):
         expected = (num_nodes, num_nodes) if dense else (edge_index.shape[1],)
         if tuple(edge_type.shape) != expected:
             raise ValueError(f"edge_type: expected shape {expected}, got {tuple(edge_type.shape)}")
-        if not _tracing() and edge_type.numel():
+        if is_eager(edge_type) and edge_type.numel():
             low, high = int(edge_type.min()), int(edge_type.max())
             if low < 0 or high >= self.num_edge_types:
                 raise ValueError(

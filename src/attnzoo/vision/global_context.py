@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo._tracing import is_eager
 from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
@@ -37,10 +38,6 @@ def _attention_pool(x: Tensor, key_weight: Tensor) -> tuple[Tensor, Tensor]:
     # (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (B, C)
     context = torch.matmul(flat, weights.to(x.dtype).unsqueeze(-1)).squeeze(-1)
     return context, weights
-
-
-def _exporting() -> bool:
-    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
 
 
 class _AttentionPool(torch.autograd.Function):
@@ -229,7 +226,7 @@ class GlobalContext(nn.Module):
             weights = torch.full_like(flat[:, 0], 1.0 / flat.shape[-1])  # (B, HW), uniform
             return context, weights
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.key.weight.requires_grad)
-        if needs_grad and not (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()):
+        if needs_grad and is_eager(x):
             # eager training: the hand-written backward (traced, compiled and exported graphs see
             # the plain operators)
             context, weights = _AttentionPool.apply(x, self.key.weight)
