@@ -249,11 +249,16 @@ def recurrent(step: Callable[[nn.Module, Tensor], Tensor]) -> Callable[[nn.Modul
 PEERS = {"mmcv": recurrent(mmcv_criss_cross_step), "fightingcv": recurrent(fightingcv_criss_cross_step)}
 
 
-def peers_table(sides: list[int], channels: int, repeats: int) -> list[str]:
+def peers_table(
+    sides: list[int],
+    channels: int,
+    repeats: int,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+) -> list[str]:
     rows = [preamble(repeats), "", HEADER]
     print("\n".join(rows), flush=True)
     for side in sides:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             module, (x,) = criss_cross_case(channels, side)
             module, x = module.to(dtype), x.to(dtype)
             size = f"(1, {channels}, {side}, {side})"
@@ -294,11 +299,19 @@ def main(argv: list[str] | None = None) -> None:
         "--max-dense-gib", type=float, default=6.0, help="skip a dense baseline whose matrices exceed this"
     )
     parser.add_argument("--peers", action="store_true", help="criss_cross against mmcv and fightingcv")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=["float32", "bfloat16"],
+        help="--peers: the dtypes to run (default both)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.peers:
         sides = args.sides or ([32, 64] if args.quick else [32, 64, 128])
-        rows = peers_table(sides, args.channels, args.repeats or (3 if args.quick else 7))
+        dtypes = tuple(getattr(torch, name) for name in args.dtypes)
+        rows = peers_table(sides, args.channels, args.repeats or (3 if args.quick else 7), dtypes)
         print("\n" + "\n".join(rows))
         return
     sides = args.sides or ([16, 32] if args.quick else [32, 64, 128])

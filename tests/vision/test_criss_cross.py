@@ -201,3 +201,55 @@ def test_compacted_gradients_equal_autograd(monkeypatch):
     expected = torch.autograd.grad(module(x).square().sum(), inputs)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 1, 4), (1, 2, 4, 1), (2, 2, 17, 6)])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_half_precision_function_equals_autograd_of_the_joint_softmax(shape, blocks, monkeypatch):
+    """The half-precision path's hand-written backward run in float64, in one block of query rows
+    and in up to eight (17 rows: five of 3 and a short last one): its output and gradients are
+    autograd's on the plain path."""
+    import attnzoo.vision.criss_cross as module_file
+    from attnzoo.vision.criss_cross import _HalfPrecisionCrissCross
+
+    if blocks == "many":
+        monkeypatch.setattr(module_file, "_BLOCK_ELEMENTS", 1)
+
+    batch, _, height, width = shape
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(shape, dtype=F64, generator=generator, requires_grad=True) for _ in range(2))
+    v = torch.randn(batch, 3, height, width, dtype=F64, generator=generator, requires_grad=True)
+    out = _HalfPrecisionCrissCross.apply(q, k, v)
+    expected = criss_cross_attention(q, k, v)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, dtype=F64, generator=generator)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_without_maps_keeps_no_float32_map(monkeypatch):
+    """bfloat16 training without return_attn never forms a (B, H, W, H + W) buffer (the float32
+    map, kept for the backward, is what made its peak memory 1.6x the peers'), and gives the
+    output and gradients of the path that does (the maps' path), within bfloat16's rounding."""
+    import attnzoo.vision.criss_cross as module_file
+
+    module = randomised(CrissCrossAttention(16, dtype=torch.bfloat16))
+    side = 16
+    x = torch.randn(1, 16, side, side, dtype=torch.bfloat16, requires_grad=True)
+    # not the key bias: it shifts all of a query's logits alike, its exact gradient is 0 (noise here)
+    inputs = (x, *(p for name, p in module.named_parameters() if name != "key_conv.bias"))
+    with OpRecorder() as probe:
+        out = module(x)
+        got = torch.autograd.grad(out.float().square().sum(), inputs)
+    assert probe.largest_storage < side * side * 2 * side
+    maps_out, _ = module(x, return_attn=True)  # R = 2: the first pass takes the same path
+    torch.testing.assert_close(out, maps_out)  # the softmax's float32 rounding may differ
+
+    monkeypatch.setattr(module_file, "criss_cross_context", lambda q, k, v: criss_cross_attention(q, k, v)[0])
+    with OpRecorder() as probe:
+        expected = torch.autograd.grad(module(x).float().square().sum(), inputs)
+    assert probe.largest_storage >= side * side * 2 * side  # the maps' path forms the map
+    for g, e in zip(got, expected):
+        assert ((g.float() - e.float()).norm() / e.float().norm()) < 2e-2
