@@ -570,9 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence: generated tasks, retrieval,listops (default both; sequence defaults: the six "
         "sequence mechanisms, 15 epochs, batch 32, lr 2e-3, output reports/compare-sequence)",
     )
-    p.add_argument(
-        "--lengths", type=_seeds, help="sequence: comma-separated trained lengths (default 64)"
-    )
+    p.add_argument("--lengths", type=_seeds, help="sequence: comma-separated trained lengths (default 64)")
     p.add_argument(
         "--cost-lengths",
         type=_seeds,

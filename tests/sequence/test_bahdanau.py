@@ -93,7 +93,6 @@ def test_separate_values():
     torch.testing.assert_close(out, weights @ v)
 
 
-
 def test_large_logits_stay_finite():
     module = perturbed(BahdanauAttention(4, 6))
     with torch.no_grad():

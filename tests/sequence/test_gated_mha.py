@@ -153,7 +153,6 @@ def test_prune_removes_closed_heads_for_real_and_keeps_eval_outputs():
         perturbed().prune([H])
 
 
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="stretch"):
         GatedMultiheadAttention(E, H, stretch=(0.0, 1.0))
@@ -198,9 +197,10 @@ def test_mha_options_hold_with_gates(batch_first):
         plain.out_proj.weight[:, D : 2 * D] *= eval_gates(torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(gated(q, kv, attn_mask=per_head), plain(q, kv, attn_mask=per_head))
     single = q[:, 0] if not batch_first else q[0]
-    torch.testing.assert_close(gated(single), gated(single[None] if batch_first else single[:, None]).squeeze(
-        0 if batch_first else 1
-    ))
+    torch.testing.assert_close(
+        gated(single),
+        gated(single[None] if batch_first else single[:, None]).squeeze(0 if batch_first else 1),
+    )
 
 
 def test_prune_keeps_bias_kv_rows_of_the_kept_heads():

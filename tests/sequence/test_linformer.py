@@ -194,7 +194,6 @@ def test_cost_is_linear_in_the_sequence_length():
     assert flops(mha, 1024) / flops(mha, 512) > 3.0
 
 
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="sharing"):
         Linformer(E, H, N, sharing="all")

@@ -148,7 +148,6 @@ def test_kv_cache_is_self_attention_only():
         ours(x, x, cache=KVCache())
 
 
-
 def test_dropout_only_in_training():
     ours = MultiheadAttention(E, H, dropout=0.5, out_dropout=0.5)
     x = torch.randn(2, 5, E)
@@ -374,8 +373,10 @@ def test_unbatched_inputs_match_torch(batch_first):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(maps, expected_maps, rtol=1e-10, atol=1e-10)
     # the same as a batch of one
-    torch.testing.assert_close(ours(q, kv)[None] if batch_first else ours(q, kv)[:, None],
-                               ours(q[None], kv[None]) if batch_first else ours(q[:, None], kv[:, None]))
+    torch.testing.assert_close(
+        ours(q, kv)[None] if batch_first else ours(q, kv)[:, None],
+        ours(q[None], kv[None]) if batch_first else ours(q[:, None], kv[:, None]),
+    )
 
 
 @pytest.mark.parametrize(

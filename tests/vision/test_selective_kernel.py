@@ -72,9 +72,7 @@ def no_norm(x: Tensor, norm: nn.Module, train: bool) -> Tensor:
     return x
 
 
-def reference(
-    module: SelectiveKernel, x: Tensor, train: bool = False, norm=ref_bn
-) -> tuple[Tensor, Tensor]:
+def reference(module: SelectiveKernel, x: Tensor, train: bool = False, norm=ref_bn) -> tuple[Tensor, Tensor]:
     """SKNet eqs. 1-6 with the module's weights; returns (V, a) with a: (B, M, C)."""
     branches = []
     for branch in module.branches:

@@ -57,7 +57,6 @@ def test_injectable_layers():
         SqueezeExcite(16, rd_ratio=0)
 
 
-
 def _mlp(se, v):
     return torch.relu(v @ se.fc1.weight.T + se.fc1.bias) @ se.fc2.weight.T + se.fc2.bias
 

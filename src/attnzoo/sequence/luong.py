@@ -411,9 +411,7 @@ class LuongLocalAttention(_LuongBase):
         # gather each query's window from the flattened source: (B, S, D_k) -> (B S, D_k) ->
         # (B N W, D_k) -> (B, N, W, D_k)
         rows = index + (torch.arange(batch, device=query.device) * length).view(batch, 1, 1)
-        windows = key.reshape(batch * length, self.key_dim).index_select(
-            0, rows.reshape(batch * n_q * span)
-        )
+        windows = key.reshape(batch * length, self.key_dim).index_select(0, rows.reshape(batch * n_q * span))
         windows = windows.reshape(batch, n_q, span, self.key_dim)
 
         # softmax over the window, (B, N, 1, D_h) against (B, N, W, D_k) -> (B, N, 1, W) -> (B, N, W)

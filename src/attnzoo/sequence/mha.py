@@ -461,5 +461,3 @@ def _from_torch_keys(
             )
         elif extra.dim() == 3:
             state_dict[prefix + name] = extra.reshape(-1)  # torch's (1, 1, E) -> (E,)
-
-

@@ -40,9 +40,7 @@ ROI_SIDE = 14
     "(D conv channels, K classes)",
     notes="a mask head: (B, C, 14, 14) RoI features -> (B, classes, 28, 28) mask logits; "
     "variant='official' pools [mean; max] (the authors' code) instead of the paper's [max; mean]",
-    samples=(
-        Sample("variant=official", {"variant": "official"}),
-    ),
+    samples=(Sample("variant=official", {"variant": "official"}),),
 )
 class SAGMask(nn.Module):
     """Spatial attention-guided mask head: conv stack, spatial attention, 2x upsampling, class masks.
