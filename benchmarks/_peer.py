@@ -3,10 +3,11 @@ bench_graph_attention: attnzoo against a peer library's computation, time and pe
 
 Each contender is a zero-argument callable (inference: eval + no_grad; training: train mode, forward
 + backward of the sum). Times are medians of interleaved repeats (``compare_calls``), with the
-spread (min-max) of each; peak memory is the resident-set high-water mark over one call
-(``peak_memory``), measured alternately for the two contenders, the smaller of two tries (a page
-freed by the other contender's call can only lower a figure, never raise it, so the smaller
-figure is the steadier one). Ratios are ours / peer: below 1 is better.
+spread (min-max) of each; peak memory is the peak of the bytes held by live tensors over one call
+(``peak_tensor_memory``: the profiler's memory timeline on CPU), after a warm-up call. It is
+deterministic: the resident-set high-water mark (``peak_memory``) used before moved by +-25 % between
+identical runs at these sizes, more than the differences between the contenders. Ratios are
+ours / peer: below 1 is better.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnzoo.bench import compare_calls, peak_memory
+from attnzoo.bench import compare_calls, peak_tensor_memory
 
 MIB = 2**20
 
@@ -51,10 +52,7 @@ def measure_pair(
 ) -> dict[str, float]:
     """Times (median, min, max in ms) and peak memory (MiB) of both contenders."""
     timing = compare_calls({"ours": ours, "peer": peer}, warmup=warmup, repeats=repeats)
-    memory = {"ours": float("inf"), "peer": float("inf")}
-    for _ in range(2):
-        for name, fn in (("ours", ours), ("peer", peer)):
-            memory[name] = min(memory[name], peak_memory(fn) / MIB)
+    memory = {name: peak_tensor_memory(fn) / MIB for name, fn in (("ours", ours), ("peer", peer))}
     row: dict[str, float] = {}
     for name in ("ours", "peer"):
         t = timing[name]
@@ -64,7 +62,7 @@ def measure_pair(
 
 
 def format_row(module: str, peer: str, size: str, dtype: torch.dtype, label: str, r: dict[str, float]) -> str:
-    # below 1 MiB the resident-set figure is page noise: the memory ratio reads from 1 MiB up
+    # below 1 MiB a few small buffers decide the ratio: it reads from 1 MiB up
     ours_mib, peer_mib = max(r["ours_mib"], 1.0), max(r["peer_mib"], 1.0)
     return (
         f"| {module} | {peer} | {size} | {str(dtype).removeprefix('torch.')} | {label} "

@@ -31,7 +31,9 @@ each a single pass applied R = 2 times with the same weights (RCCA), sharing att
 Peak memory on CPU is the resident-set high-water mark over one call
 (``attnzoo.bench.peak_memory``), each figure measured in a fresh process so that pages freed by an
 earlier call cannot hide an allocation; time is the median of several calls
-(``attnzoo.bench.time_call``). Compare ratios within one run: the machines are shared and noisy.
+(``attnzoo.bench.time_call``). ``--peers`` measures as ``benchmarks/_peer.py`` does (the peak of
+live tensor bytes, interleaved timings). Compare ratios within one run: the machines are shared
+and noisy.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/bench_mha_peers.py [--threads 2] [--repeats 7] [--quick]
 
 Two tables; ratios are ours / peer (below 1 is better), every pair measured in the same run with
-interleaved repeats (medians, min-max spread) and the resident-set peak of one call
+interleaved repeats (medians, min-max spread) and the peak of live tensor bytes of one call
 (``benchmarks/_peer.py``).
 
 1. ``mha`` against timm's ``Attention`` (the ViT block's attention): inference forward time and

@@ -142,11 +142,13 @@ class TimmSplitAttn(PlainSplitAttention):
         return out.contiguous()
 
 
-def peers_table(batch: int, repeats: int) -> list[str]:
+def peers_table(
+    batch: int, repeats: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+) -> list[str]:
     rows = [preamble(repeats), "", HEADER]
     print("\n".join(rows), flush=True)
     for channels, side in [(64, 32), (256, 32), (256, 64)]:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             torch.manual_seed(0)
             ours = attnzoo.create("split_attention", channels)
             peer = TimmSplitAttn(channels, ours.radix, ours.cardinality, ours.rd_channels)
@@ -230,11 +232,19 @@ def main() -> None:
         "--names", nargs="+", default=NAMES, choices=NAMES, help="which mechanisms (default: all three)"
     )
     parser.add_argument("--peers", action="store_true", help="split_attention against timm's SplitAttn")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=["float32", "bfloat16"],
+        help="--peers: the dtypes to run (default both)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.peers:
-        rows = peers_table(2 if args.quick else 8, args.repeats or (3 if args.quick else 7))
+        dtypes = tuple(getattr(torch, name) for name in args.dtypes)
+        rows = peers_table(2 if args.quick else 8, args.repeats or (3 if args.quick else 7), dtypes)
         print("\n" + "\n".join(rows))
         return
     batch = 2 if args.quick else 32

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.bench import Timing, count_flops, paired_ratio
+from attnzoo.bench import Timing, count_flops, paired_ratio, peak_tensor_memory
 from attnzoo.bench.report import Speedup, bench_module
 
 B, H, NQ, NK, D = 2, 3, 40, 24, 16
@@ -72,3 +72,25 @@ def test_timing_spread_and_paired_ratio():
     assert Speedup.of(noisy, base).within_noise and str(Speedup.of(noisy, base)).endswith("~")
     with pytest.raises(ValueError, match="same number of samples"):
         paired_ratio(Timing.of([1.0]), base)
+
+
+def test_peak_tensor_memory_counts_live_tensors_exactly():
+    # a, then b = 2a alongside it, then c = 3b: three 4 MB buffers live at once; b is freed before
+    # d, so the peak stays at three (a result dropped inside the call still counts)
+    n = 1_000_000  # float32 elements: 4 MB per buffer
+
+    def three_live() -> torch.Tensor:
+        a = torch.ones(n)
+        b = a * 2
+        c = b * 3
+        del b
+        return a + c
+
+    def one_at_a_time() -> None:
+        for _ in range(3):
+            torch.ones(n)
+
+    figures = [peak_tensor_memory(three_live) for _ in range(2)]
+    assert figures[0] == figures[1]  # deterministic, unlike the resident set
+    assert abs(figures[0] - 3 * 4 * n) <= 4096
+    assert abs(peak_tensor_memory(one_at_a_time) - 4 * n) <= 4096
