@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,19 +239,33 @@ def test_bfloat16_without_maps_keeps_no_float32_map(monkeypatch):
 
     module = randomised(CrissCrossAttention(16, dtype=torch.bfloat16))
     side = 16
-    x = torch.randn(1, 16, side, side, dtype=torch.bfloat16, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, side, side, generator=generator).to(torch.bfloat16).requires_grad_()
     # not the key bias: it shifts all of a query's logits alike, its exact gradient is 0 (noise here)
-    inputs = (x, *(p for name, p in module.named_parameters() if name != "key_conv.bias"))
+    names = [name for name, _ in module.named_parameters() if name != "key_conv.bias"]
+
+    def gradients(m: torch.nn.Module, inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = dict(m.named_parameters())
+        return torch.autograd.grad(m(inp).double().square().sum(), (inp, *(params[n] for n in names)))
+
     with OpRecorder() as probe:
         out = module(x)
-        got = torch.autograd.grad(out.float().square().sum(), inputs)
+        got = gradients(module, x)
     assert probe.largest_storage < side * side * 2 * side
     maps_out, _ = module(x, return_attn=True)  # R = 2: the first pass takes the same path
     torch.testing.assert_close(out, maps_out)  # the softmax's float32 rounding may differ
 
     monkeypatch.setattr(module_file, "criss_cross_context", lambda q, k, v: criss_cross_attention(q, k, v)[0])
     with OpRecorder() as probe:
-        expected = torch.autograd.grad(module(x).float().square().sum(), inputs)
+        expected = gradients(module, x)
     assert probe.largest_storage >= side * side * 2 * side  # the maps' path forms the map
-    for g, e in zip(got, expected):
-        assert ((g.float() - e.float()).norm() / e.float().norm()) < 2e-2
+    # Both against float64: bfloat16 moves the query projection's gradients by 3-30 % on either
+    # path (they cancel across keys), so the two paths differ from each other by as much, and a
+    # direct comparison passes or fails with the draw. The half path must be as accurate as the
+    # maps' path: its worst relative error at most 1.5x the maps' worst (0.95-1.26x over 8 draws).
+    truth = gradients(copy.deepcopy(module).double(), x.detach().double().requires_grad_())
+
+    def worst_error(grads: tuple[torch.Tensor, ...]) -> float:
+        return max(float((g.double() - t).norm() / t.norm()) for g, t in zip(grads, truth))
+
+    assert worst_error(got) <= 1.5 * worst_error(expected)
