@@ -213,6 +213,57 @@ def test_gradients_reach_every_parameter(case: Case) -> None:
             assert x.grad is not None and torch.isfinite(x.grad).all(), f"input {i} gradient"
 
 
+#: views whose backward zero-fills a buffer the size of the tensor they index
+_INDEXING_BACKWARDS = {"SliceBackward0", "SelectBackward0"}
+
+
+def _tensors_indexed_repeatedly(out: Tensor) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(producer, how many index views read it, its shape) for every autograd node whose output is
+    read through two or more slices or selects, in the graph behind ``out``."""
+    readers: dict[Any, list[Any]] = {}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for producer, _ in node.next_functions:
+            if producer is None:
+                continue
+            if node.name() in _INDEXING_BACKWARDS:
+                readers.setdefault(producer, []).append(node)
+            stack.append(producer)
+    return [
+        (producer.name(), len(nodes), tuple(int(s) for s in nodes[0]._saved_self_sym_sizes))
+        for producer, nodes in readers.items()
+        if len(nodes) >= 2
+    ]
+
+
+def test_backward_fills_one_gradient_buffer_per_tensor(case: Case) -> None:
+    """A large tensor read piecewise is split or unbound once, not sliced or indexed per piece: each
+    slice's or select's backward zero-fills a buffer the size of the whole tensor and adds it to
+    the others, where split's and unbind's write every piece's gradient into one buffer. Two slices
+    of criss-cross's (B, H, W, H + W) map added 8 MiB to the peak of a (1, 64, 128^2) training step
+    (94 -> 86 MiB with a split), more than mmcv's whole lead. Tensors under a quarter of the largest
+    input's size are let through (a few small parameters or tap offsets)."""
+    case.skip_unless_applies("gradients")
+    module, inputs, kwargs = case.build()
+    module.train()
+    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+    out = first(module(*inputs, **kwargs))
+    threshold = max(x.numel() for x in inputs) // 4
+    large = [
+        (producer, count, shape)
+        for producer, count, shape in _tensors_indexed_repeatedly(out)
+        if torch.Size(shape).numel() >= threshold
+    ]
+    assert not large, (
+        f"{case.spec.name}: tensors read through several slices or selects (producer, reads, shape): "
+        f"{large}; split or unbind them once"
+    )
+
+
 def test_return_attn_matches_plain_path(case: Case) -> None:
     if not case.spec.returns_attn:
         pytest.skip("returns no attention maps")

@@ -235,7 +235,7 @@ def attention_logits(
             raise ValueError(f"w: score 'concat' needs a w of shape (A, {d_q + d_k}), got None")
         if w.dim() != 2 or w.shape[1] != d_q + d_k:
             raise ValueError(f"w: score 'concat' expected shape (A, {d_q + d_k}), got {tuple(w.shape)}")
-        w_q, w_k = w[:, :d_q], w[:, d_q:]
+        w_q, w_k = w.split([d_q, d_k], dim=1)  # one split: its backward fills one gradient buffer
     attn_dim = (w_q.shape[0] if w_q is not None else None) or (v_a.shape[0] if v_a is not None else 0)
     w_q = _require("w_q", w_q, score, (attn_dim, d_q))
     w_k = _require("w_k", w_k, score, (attn_dim, d_k))

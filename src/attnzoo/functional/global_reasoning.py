@@ -345,7 +345,10 @@ def deformed_tap(x: Tensor, offsets: Tensor, dilation: int, tap: int, kernel: in
 
     Args:
         x: (B, C, H, W).
-        offsets: (B, 2 k^2, H, W).
+        offsets: (B, 2 k^2, H, W), every tap's; or (B, 2, H, W), this tap's (dy, dx) alone. A
+            caller that samples every tap passes ``offsets.unflatten(1, (k * k, 2)).unbind(1)``'s
+            entries: the backward then gathers the offsets' gradient in one buffer, where indexing
+            the whole map per tap zero-fills a buffer of its size per tap.
         dilation: d.
         tap: t in [0, k^2).
         kernel: k.
@@ -358,8 +361,10 @@ def deformed_tap(x: Tensor, offsets: Tensor, dilation: int, tap: int, kernel: in
     i, j = tap // kernel - kernel // 2, tap % kernel - kernel // 2
     rows = torch.arange(height, device=x.device, dtype=dtype)[:, None]  # (H, 1)
     cols = torch.arange(width, device=x.device, dtype=dtype)[None, :]  # (1, W)
-    y = rows + dilation * i + offsets[:, 2 * tap].to(dtype)  # (B, H, W)
-    xx = cols + dilation * j + offsets[:, 2 * tap + 1].to(dtype)
+    # (B, 2 k^2, H, W) -> (B, 2, H, W) -> 2 x (B, H, W)
+    offset_y, offset_x = (offsets if offsets.shape[1] == 2 else offsets[:, 2 * tap : 2 * tap + 2]).unbind(1)
+    y = rows + dilation * i + offset_y.to(dtype)  # (B, H, W)
+    xx = cols + dilation * j + offset_x.to(dtype)
     # pixel index -> grid_sample's [-1, 1] with align_corners=False (pixel centres at (2 p + 1) / S - 1)
     grid = torch.stack([(2 * xx + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)  # (B, H, W, 2)
     sampled = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -229,8 +229,10 @@ def window_attention(
     # relative terms of each query against the rows / columns of its tile's halo
     half = dim // 2
     q = F.pad(q, (0, 0, 0, pad_w - width, 0, pad_h - height))  # (B, h, H', W', d)
-    t_rows = torch.einsum("bhyxc,yjhc->bhyxj", q[..., :half], rel_rows[table_h].to(q.dtype))
-    t_cols = torch.einsum("bhyxc,xjhc->bhyxj", q[..., half:], rel_cols[table_w].to(q.dtype))
+    # (B, h, H', W', d) -> (.., d/2) and (.., d - d/2): one split, whose backward fills one buffer
+    q_rows, q_cols = q.split([half, dim - half], -1)
+    t_rows = torch.einsum("bhyxc,yjhc->bhyxj", q_rows, rel_rows[table_h].to(q.dtype))
+    t_cols = torch.einsum("bhyxc,xjhc->bhyxj", q_cols, rel_cols[table_w].to(q.dtype))
     big = masked_value(q.dtype, dim + span_h + span_w)
     t_rows = t_rows.masked_fill(~valid_h[:, None, :], big)  # (B, h, H', W', span_h)
     t_cols = t_cols.masked_fill(~valid_w, big)  # (B, h, H', W', span_w)
@@ -291,8 +293,10 @@ def _window_attention_taps(
 
     logits = window_dot(maps(q), maps(k), kernel_size, heads)  # (B, h, k^2, H, W): q . k per tap
     # q . r for every row offset and every column offset: (B, h, k, H, W) each
-    t_rows = torch.einsum("bhyxc,ahc->bhayx", q[..., :half], rel_rows.to(q.dtype))
-    t_cols = torch.einsum("bhyxc,ahc->bhayx", q[..., half:], rel_cols.to(q.dtype))
+    # (B, h, H, W, d) -> (.., d/2) and (.., d - d/2): one split, whose backward fills one buffer
+    q_rows, q_cols = q.split([half, dim - half], -1)
+    t_rows = torch.einsum("bhyxc,ahc->bhayx", q_rows, rel_rows.to(q.dtype))
+    t_cols = torch.einsum("bhyxc,ahc->bhayx", q_cols, rel_cols.to(q.dtype))
     # tap (a, b) at a k + b: (B, h, k, 1, H, W) + (B, h, 1, k, H, W) -> (B, h, k^2, H, W)
     relative = (t_rows.unsqueeze(3) + t_cols.unsqueeze(2)).flatten(2, 3)
     inside = window_border_mask(height, width, kernel_size, device=q.device)  # (k^2, H, W)

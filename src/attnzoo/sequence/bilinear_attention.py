@@ -216,9 +216,13 @@ class BilinearAttention(nn.Module):
         weights = maps.to(query.dtype)
         f = query
         # the glimpses are sequential: each updates f, which the next one reads
+        # each glimpse's map and right factor, unbound once: (B, G, N_x, N_y) -> G x (B, N_x, N_y) and
+        # (B, N_y, G, K') -> G x (B, N_y, K'). Unbind's backward stacks the glimpses' gradients into
+        # one buffer; indexing per glimpse would zero-fill a whole-tensor buffer per glimpse.
+        glimpse_maps, glimpse_rights = weights.unbind(1), right.unbind(2)
         for g in range(self.glimpses):
             left = self.act(self.joint_x[g](f))  # (B, N_x, K')
-            attended = weights[:, g] @ right[:, :, g]  # (B, N_x, N_y) @ (B, N_y, K') -> (B, N_x, K')
+            attended = glimpse_maps[g] @ glimpse_rights[g]  # (B, N_x, N_y) @ (B, N_y, K') -> (B, N_x, K')
             joint = (left * attended).sum(dim=1)  # (B, K'): sum_ij A_ij left_ic right_jc
             if self.joint_rank > 1:
                 # (B, K k') -> (B, K, k') -> (B, K): sum pooling over groups of k'

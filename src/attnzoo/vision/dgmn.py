@@ -137,29 +137,34 @@ class DynamicGraphMessagePassing(nn.Module):
     def _message(self, x: Tensor, index: int, rate: _Dilation) -> tuple[Tensor, Tensor]:
         """m_d for one rate, (B, C, H, W), and its affinities, (B, 9, H, W)."""
         offsets = rate.offset(x)  # (B, 18, H, W)
+        # Each tensor read once per tap is unbound (or split) once, never indexed per tap: the
+        # backward of unbind stacks the taps' gradients into one buffer, where each index's
+        # backward would zero-fill a buffer of the whole tensor of its own.
+        # (B, 18, H, W) -> (B, 9, 2, H, W) -> 9 x (B, 2, H, W): each tap's (dy, dx)
+        tap_offsets = offsets.unflatten(1, (_TAPS, 2)).unbind(1)
+        # (G*9 + 9, C, 3, 3) -> 9 x (G*9 + 9, C, 1, 1): the 1x1 kernel of each tap, row-major
+        tap_kernels = rate.kernel.weight.flatten(2).unbind(2)
         # deformable conv: sum over the taps of a 1x1 conv of each tap's samples
         logits = sum(
-            F.conv2d(
-                deformed_tap(x, offsets, rate.dilation, k),
-                rate.kernel.weight[:, :, k // 3, k % 3, None, None],
-            )
+            F.conv2d(deformed_tap(x, tap_offsets[k], rate.dilation, k), tap_kernels[k][..., None, None])
             for k in range(_TAPS)
         )  # (B, G*9 + 9, H, W)
         n_filters = self.groups * _TAPS
-        filters = logits[:, :n_filters].unflatten(1, (self.groups, _TAPS))  # (B, G, 9, H, W)
+        filter_logits, own_affinity_logits = logits.split([n_filters, _TAPS], 1)
+        filters = filter_logits.unflatten(1, (self.groups, _TAPS))  # (B, G, 9, H, W)
         if self.variant == "official" and index == 3:
             # NOTE: deviates from the paper on purpose: the official code slices the fourth
             # branch's affinity from its filter logits (the last group's), not its own channels
-            affinity_logits = logits[:, n_filters - _TAPS : n_filters]
+            affinity_logits = filter_logits[:, n_filters - _TAPS :]
         else:
-            affinity_logits = logits[:, n_filters:]
+            affinity_logits = own_affinity_logits
         affinity = masked_softmax(affinity_logits, dim=1)  # over the 9 samples, float32 for half
         weights = filters * affinity.unsqueeze(1).to(filters.dtype)  # (B, G, 9, H, W)
         message = sum(
-            # (B, C, H, W) -> (B, G, C/G, H, W), scaled by the group's weight of tap k
-            deformed_tap(x, offsets, rate.dilation, k).unflatten(1, (self.groups, -1))
-            * weights[:, :, k, None]
-            for k in range(_TAPS)
+            # (B, C, H, W) -> (B, G, C/G, H, W), scaled by the group's weight of tap k, (B, G, 1, H, W)
+            deformed_tap(x, tap_offsets[k], rate.dilation, k).unflatten(1, (self.groups, -1))
+            * tap_weights.unsqueeze(2)
+            for k, tap_weights in enumerate(weights.unbind(2))
         )
         return message.flatten(1, 2), affinity  # (B, G, C/G, H, W) -> (B, C, H, W)
 
