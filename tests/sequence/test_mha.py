@@ -427,7 +427,7 @@ def test_new_options_stay_on_the_fused_path():
     """No N x N matrix without maps, with every new option (the op recorder sees every buffer)."""
     from attnzoo.testing import OpRecorder
 
-    n = 128
+    n = 256  # q, k, v of one packed projection: 3 B n E = 2^15 * 1.5 elements, below n^2
     ours = MultiheadAttention(32, 4, add_bias_kv=True, add_zero_attn=True, batch_first=False).eval()
     x = torch.randn(n, 2, 32)
     key_mask = torch.zeros(2, n)
@@ -442,3 +442,72 @@ def test_new_options_stay_on_the_fused_path():
             call()
         assert recorder.ran("scaled_dot_product")
         assert recorder.largest_storage < n * n, recorder.formed(lambda size: size >= n * n)
+
+
+def _gemm_count(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    from attnzoo.testing import OpRecorder
+
+    with torch.no_grad(), OpRecorder() as recorder:
+        module(*inputs)
+    return sum(name.startswith(("aten.addmm", "aten.mm", "aten.bmm")) for name in recorder.names())
+
+
+def test_self_attention_projects_q_k_v_in_one_gemm_with_the_same_result():
+    """From B N >= d tokens on, self-attention's q, k, v come from one GEMM of the stacked weights
+    (then the out projection: 2 GEMMs), equal to three separate projections; few tokens, cross
+    attention, a hooked or replaced projection and fx tracing keep one call per projection."""
+    torch.manual_seed(0)
+    mha = MultiheadAttention(32, 4).eval()
+    x = torch.randn(2, 16, 32)  # 32 tokens = d
+    assert _gemm_count(mha, x) == 2
+    separate = MultiheadAttention(32, 4).eval()
+    separate.load_state_dict(mha.state_dict())
+    calls = []
+    separate.q_proj.register_forward_hook(lambda *args: calls.append(1))  # a hook must run
+    assert _gemm_count(separate, x) == 4 and calls
+    torch.testing.assert_close(mha(x), separate(x), rtol=1e-5, atol=1e-6)
+    # the packed path's gradients are those of the separate projections
+    grads = [torch.autograd.grad(m(x).square().sum(), list(m.parameters())) for m in (mha, separate)]
+    for packed_grad, separate_grad in zip(*grads):
+        torch.testing.assert_close(packed_grad, separate_grad, rtol=1e-5, atol=1e-6)
+    assert _gemm_count(mha, x[:, :4]) == 4  # 8 tokens < d: the weight copy would cost more
+    assert _gemm_count(mha, x, x.clone()) == 4  # key is another tensor: not self-attention
+    # sequence-first and unbatched inputs are self-attention too
+    seq_first = MultiheadAttention(32, 4, batch_first=False).eval()
+    assert _gemm_count(seq_first, x.transpose(0, 1)) == 2
+    assert _gemm_count(mha, x.reshape(32, 32)) == 2
+
+
+def test_shared_input_projections_stay_modules_under_fx():
+    """fx symbolic tracing keeps one call_module node per projection (what fx quantization and
+    graph rewrites look for), where eager mode runs one GEMM of the stacked weights."""
+    from attnzoo.functional.heads import project_shared_input
+
+    class Projections(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return project_shared_input(x, (self.a, self.b), 2)
+
+    module, x = Projections(), torch.randn(2, 8, 8)  # 16 tokens >= 8: packed in eager mode
+    traced = torch.fx.symbolic_trace(module)
+    assert [str(n.target) for n in traced.graph.nodes if n.op == "call_module"] == ["a", "b"]
+    for got, expected in zip(traced(x), module(x)):
+        torch.testing.assert_close(got, expected)
+    assert _gemm_count(module, x) == 1
+
+
+def test_merged_heads_are_a_view_of_the_fused_output_in_eager_mode():
+    """The fused kernel writes (B, N, h, d) when q comes from the packed projection: merging the
+    heads is then free (timm's reshape); a (B, h, N, d) layout is still copied."""
+    from attnzoo.functional.heads import merge_heads
+
+    token_major = torch.randn(2, 5, 3, 4).transpose(1, 2)  # (B, h, N, d) laid out (B, N, h, d)
+    merged = merge_heads(token_major)
+    assert merged.shape == (2, 5, 12) and merged.data_ptr() == token_major.data_ptr()
+    head_major = torch.randn(2, 3, 5, 4)
+    merged = merge_heads(head_major)
+    assert merged.data_ptr() != head_major.data_ptr() and merged.is_contiguous()
+    torch.testing.assert_close(merged, head_major.transpose(1, 2).reshape(2, 5, 12))

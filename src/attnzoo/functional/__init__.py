@@ -35,6 +35,7 @@ from attnzoo.functional.heads import (
     merge_masks_for_heads,
     pad_mask,
     project_heads,
+    project_shared_input,
     resolve_key_value,
     split_heads,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "point_wise_attention_",
     "point_wise_logits",
     "project_heads",
+    "project_shared_input",
     "relative_attention_2d",
     "resolve_key_value",
     "softmax_",

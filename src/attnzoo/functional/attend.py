@@ -293,6 +293,20 @@ def _zero_padded_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     return torch.where(padded, 0.0, k), torch.where(padded, 0.0, v)
 
 
+def _nan_carrier(q: Tensor) -> Tensor:
+    """(..., N_q, 1): 0 for each query row that is finite, NaN for one holding a NaN or an Inf.
+
+    ``s - s`` of the row's sum ``s``: one read of q at O(N_q D), next to the attention's
+    O(N_q N_k D), without the q-sized temporary of ``sum(q - q)`` (profiled on mha's q, B 8, h 8,
+    d 64, N 1024: 7.6 -> 4.6 ms in float32, 2.3 -> 1.5 ms in bfloat16). float16 rows are summed in
+    float32, so that 64 entries of 6e4 do not overflow to Inf (and so to NaN); float32 and bfloat16
+    sums accumulate in float32 and overflow only for rows summing past 3.4e38 in magnitude
+    (entries near 1e37 at D = 64), which then read as non-finite.
+    """
+    total = q.sum(dim=-1, keepdim=True, dtype=torch.float32 if q.dtype == torch.float16 else None)
+    return total - total
+
+
 def attend_with_weights(
     q: Tensor,
     k: Tensor,
@@ -338,9 +352,7 @@ def attend_with_weights(
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
     # A NaN (or Inf) query must reach its output on both paths: the fused kernels turn a NaN score
     # row into zeros, and the explicit path zeroes a fully masked row whatever its query holds.
-    # sum(q - q) is 0 for a finite query and NaN otherwise, at O(N_q D) next to O(N_q N_k D); unlike
-    # 0 * sum(q) it cannot overflow to Inf (and so to NaN) for a large but finite query.
-    query_nan = (q - q).sum(dim=-1, keepdim=True)  # (..., N_q, 1)
+    query_nan = _nan_carrier(q)  # (..., N_q, 1)
 
     if score in FUSABLE_SCORES and not return_weights:
         q, k = _bilinear_query(q, k, score, w)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx, nn
 
 from attnzoo._checks import check_input, check_mask
+from attnzoo._tracing import is_eager
 
 __all__ = [
     "check_heads",
@@ -23,6 +24,7 @@ __all__ = [
     "merge_masks_for_heads",
     "pad_mask",
     "project_heads",
+    "project_shared_input",
     "resolve_key_value",
     "split_heads",
 ]
@@ -47,15 +49,54 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
     return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
 
 
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, h, N, d) -> (B, N, h*d), as a fresh contiguous tensor.
+def project_shared_input(x: Tensor, projections: tuple[nn.Module, ...], num_heads: int) -> tuple[Tensor, ...]:
+    """``split_heads(p(x), num_heads)`` for each projection ``p`` of one input (self-attention's q,
+    k and v), from one GEMM of the stacked weights where that computes the same.
 
-    An explicit copy, not ``reshape``: ``torch.export`` records the fused kernel's output strides,
-    for which the reshape is a view, and the ONNX exporter replays it on a decomposition with other
-    strides, where it is not (seen with batch-sized masks and a dynamic batch).
+    One (B, N, D) @ (D, sum E_i) product reads x once and runs one larger GEMM instead of one per
+    projection (timm's packed qkv; at B 8, N 256, d 512 the three separate products took 2.7 ms more
+    of a 66 ms call, profiled). Stacking the weights copies them (sum E_i x D elements, 0.4-0.9 ms
+    at d 512, mostly page faults of the fresh buffer), which costs more than it saves for few
+    tokens (B 4, N 64: 8.4 against 7.6 ms): eager calls pack only from B N >= D tokens on, where
+    the copy is at most 1/D of the product's work. The results are views of the one
+    (B, N, sum E_i) buffer, the last dim contiguous, as the fused kernels need.
+
+    Packed only when every projection is a plain ``nn.Linear`` without hooks (a wrapped, adapted or
+    hooked projection runs as itself) and not under fx symbolic tracing (the traced graph keeps one
+    call per projection module, as fx quantization and graph rewrites expect). Compiled and
+    exported graphs always pack (no branch on a possibly dynamic size).
+
+    Returns:
+        One (B, h, N, E_i / h) tensor per projection.
+    """
+    plain = all(type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) for p in projections)
+    biases = [getattr(p, "bias", None) for p in projections]
+    one_bias_kind = all(b is None for b in biases) or all(b is not None for b in biases)
+    few_tokens = is_eager(x) and x.numel() < x.shape[-1] ** 2  # B N < D
+    if not plain or not one_bias_kind or few_tokens or isinstance(x, fx.Proxy) or len(projections) < 2:
+        return tuple(split_heads(p(x), num_heads) for p in projections)
+    linears: tuple[nn.Linear, ...] = projections  # type: ignore[assignment]
+    weight = torch.cat([p.weight for p in linears])  # (sum E_i, D)
+    bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]  # (sum E_i,)
+    packed = F.linear(x, weight, bias)  # (B, N, D) @ (D, sum E_i) -> (B, N, sum E_i)
+    return tuple(split_heads(part, num_heads) for part in packed.split([p.out_features for p in linears], -1))
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, h, N, d) -> (B, N, h*d), contiguous.
+
+    In eager mode a view where ``x`` is already laid out (B, N, h, d) in memory, as the fused
+    kernel's output is when q comes from one (B, N, 3, h, d) projection (:func:`project_shared_input`):
+    no copy, as timm's ``transpose(1, 2).reshape``. Otherwise, and in every traced, compiled or
+    exported graph, an explicit copy, not ``reshape``: ``torch.export`` records the fused kernel's
+    output strides, for which the reshape is a view, and the ONNX exporter replays it on a
+    decomposition with other strides, where it is not (seen with batch-sized masks and a dynamic
+    batch).
     """
     batch, heads, length, width = x.shape
-    merged = x.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, N, h, d)
+    merged = x.transpose(1, 2)  # (B, N, h, d)
+    if not (merged.is_contiguous() and is_eager(x)):
+        merged = merged.clone(memory_format=torch.contiguous_format)
     return merged.view(batch, length, heads * width)
 
 

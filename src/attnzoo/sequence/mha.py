@@ -18,6 +18,7 @@ from attnzoo.functional.heads import (
     merge_masks_for_heads,
     pad_mask,
     project_heads,
+    project_shared_input,
     resolve_key_value,
     split_heads,
 )
@@ -284,6 +285,7 @@ class MultiheadAttention(nn.Module):
             dtype=self.out_proj.weight.dtype,
         )
         unbatched = query.dim() == 2
+        self_attention = key is query and value is query  # kept through the re-layouts below
         if unbatched:
             # (N, D) -> (1, N, D); masks: (N_k,) -> (1, N_k) and (h, N_q, N_k) reads as (B*h, ...)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -292,6 +294,8 @@ class MultiheadAttention(nn.Module):
         elif not self.batch_first:
             # (N, B, D) -> (B, N, D): views; the projections read them in place
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self_attention:
+            key = value = query
         result = self._attend_heads(
             query,
             key,
@@ -326,9 +330,14 @@ class MultiheadAttention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The computation on checked batch-first (B, N, D) inputs: project, attend, merge."""
         batch, n_q, h = query.shape[0], query.shape[1], self.num_heads
-        q = split_heads(self.q_proj(query), h)  # (B, N_q, E) -> (B, h, N_q, d)
-        k = split_heads(self.k_proj(key), h)  # (B, h, N_k_new, d)
-        v = split_heads(self.v_proj(value), h)  # (B, h, N_k_new, d)
+        if key is query and value is query and cache is None:
+            # self-attention: one GEMM of the stacked W^Q, W^K, W^V; three (B, h, N, d) views. Not
+            # with a cache, which would keep the queries alive through its views of k and v.
+            q, k, v = project_shared_input(query, (self.q_proj, self.k_proj, self.v_proj), h)
+        else:
+            q = split_heads(self.q_proj(query), h)  # (B, N_q, E) -> (B, h, N_q, d)
+            k = split_heads(self.k_proj(key), h)  # (B, h, N_k_new, d)
+            v = split_heads(self.v_proj(value), h)  # (B, h, N_k_new, d)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, h, N_k, d) with N_k = cached + new
         n_k = k.shape[-2]
