@@ -339,3 +339,25 @@ def test_large_finite_query_whose_sum_overflows_gives_a_finite_output(return_wei
     result = attend(q, k, v, return_weights=return_weights)
     out = result[0] if return_weights else result
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2, 3]]).all()
+
+
+def test_three_dim_operands_make_no_copies_on_the_fused_path():
+    """(B, N, D) operands run as B batches of one head: the fused kernels' (B, N, h, D) output and
+    gradient layout is then their own, and nothing is copied back (as B heads of one batch, the
+    output and every input gradient came back token-major and were copied: 3 copies a step)."""
+    from attnzoo.testing import OpRecorder
+
+    q, k, v = (torch.randn(8, 64, 32, requires_grad=True) for _ in range(3))
+    with OpRecorder() as recorder:
+        out = attend(q, k, v)
+        out.backward(torch.randn_like(out))
+    assert recorder.ran("scaled_dot_product")
+    copies = [name for name, sizes in recorder.sizes if "copy" in name or "clone" in name]
+    assert not copies, copies
+    # masks of every accepted rank keep their meaning in that layout
+    mask = torch.rand(8, 64, 64) > 0.3
+    mask[..., 0] = True
+    for m in (mask, mask[:1], mask[0], mask[:, :1]):  # (B, N, N), (1, N, N), (N, N), (B, 1, N)
+        got = attend(q, k, v, mask=m)
+        expected = attend(q, k, v, mask=m, return_weights=True)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

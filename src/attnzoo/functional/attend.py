@@ -176,14 +176,24 @@ def _as_4d(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Give q, k, v exactly two leading dims, as the fused kernels and ONNX's lowering expect.
 
-    Fewer than two leading dims are padded with size-1 dims in front; more are folded into the
-    first, after broadcasting. A mask gets 4 dims too: with 3 (a (B, 1, N_k) key padding, say)
-    SDPA leaves its fused CPU kernel for the math path, which forms the N_q x N_k matrix.
+    One leading dim is the batch of one head: (B, N, D) -> (B, 1, N, D). The fused kernels lay
+    their output and gradients out (B, N, h, D), which for h = 1 is the operands' own layout; as
+    (1, B, N, D), B heads, they came back token-major, and the output and each input gradient
+    were copied back into (B, N, D) (two of 8 ms a training step of attention at B 8, N 512,
+    d 256). None: padded with size-1 dims in front; more than two are folded into the first,
+    after broadcasting. A mask gets 4 dims too: with 3 (a (B, 1, N_k) key padding, say) SDPA
+    leaves its fused CPU kernel for the math path, which forms the N_q x N_k matrix.
     """
+    if len(lead) == 1:
+        # (B, N, D) -> (B, 1, N, D); an (N, D) operand broadcasts as (1, 1, N, D)
+        q, k, v = (t.unsqueeze(1) if t.dim() == 3 else t.reshape(1, 1, *t.shape) for t in (q, k, v))
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)  # (X, N_q, N_k) -> (X, 1, N_q, N_k), X in {1, B}
+        return q, k, v, mask
     if mask is not None and mask.dim() == 3:
         mask = mask.unsqueeze(0)  # (X, N_q, N_k) -> (1, X, N_q, N_k): broadcasts as before
     if len(lead) <= 2:
-        # (N, D) or (B, N, D) -> (1, 1, N, D) or (1, B, N, D); 4-D operands pass untouched
+        # (N, D) -> (1, 1, N, D); (H, N, D) beside 4-D operands -> (1, H, N, D); 4-D pass untouched
         return (
             *(t if t.dim() == 4 else t.reshape(*([1] * (4 - t.dim())), *t.shape) for t in (q, k, v)),
             mask,
@@ -352,7 +362,9 @@ def attend_with_weights(
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
     # A NaN (or Inf) query must reach its output on both paths: the fused kernels turn a NaN score
     # row into zeros, and the explicit path zeroes a fully masked row whatever its query holds.
-    query_nan = _nan_carrier(q)  # (..., N_q, 1)
+    # Detached: s - s is constant in q wherever it is finite, and its backward (a q-sized expand and
+    # add into q's gradient) would cost 0.8 of 80 ms a training step at B 8, N 512, d 256.
+    query_nan = _nan_carrier(q.detach())  # (..., N_q, 1)
 
     if score in FUSABLE_SCORES and not return_weights:
         q, k = _bilinear_query(q, k, score, w)
