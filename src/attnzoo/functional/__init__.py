@@ -52,7 +52,7 @@ from attnzoo.functional.local_window import (
     window_stack,
     window_taps,
 )
-from attnzoo.functional.softmax import compute_dtype, masked_softmax, softmax_
+from attnzoo.functional.softmax import compute_dtype, masked_softmax, mean_of, softmax_
 from attnzoo.functional.window import (
     SMALL_HEAD_DIM,
     masked_value,
@@ -84,6 +84,7 @@ __all__ = [
     "key_padding_to_mask",
     "masked_softmax",
     "masked_value",
+    "mean_of",
     "merge_heads",
     "merge_masks",
     "merge_masks_for_heads",

@@ -11,7 +11,8 @@ Three things go wrong when each module writes its own softmax:
 :func:`masked_softmax` does all three. :func:`compute_dtype` is the precision rule alone, for
 kernels that normalise or accumulate by other means (scatter softmax over graph edges, running
 sums of the non-local family). :func:`softmax_` normalises in the logits' own storage, for quadratic
-buffers that nothing else needs (no autograd).
+buffers that nothing else needs (no autograd). :func:`mean_of` is the pooling mean with the same
+float32 accumulation, without the float32 copy of the input that torch's bfloat16 mean makes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "masked_softmax", "softmax_"]
+__all__ = ["compute_dtype", "masked_softmax", "mean_of", "softmax_"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -32,6 +33,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
         (torch.float32, torch.float64)
     """
     return torch.float32 if dtype in _HALF else dtype
+
+
+def mean_of(x: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """``x.mean(dim, keepdim)``; for bfloat16, the sum (accumulated in float32 inside the kernel)
+    divided by the count.
+
+    torch's bfloat16 mean on CPU first copies x to float32: the pooling means of SE, CBAM and their
+    kin ran 4-10x slower than this sum (profiled at (8, 64, 64^2): 2.6 against 0.2 ms), with the
+    same error (one rounding to bfloat16; max relative error 0.0037 against float64 for both).
+    float16 keeps torch's mean: its sum would overflow past 65504. Other dtypes: torch's mean.
+    """
+    if x.dtype != torch.bfloat16:
+        return x.mean(dim=dim, keepdim=keepdim)
+    dims = (dim,) if isinstance(dim, int) else dim
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    return x.sum(dim=dims, keepdim=keepdim) / count
 
 
 def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, dim: int = -1) -> Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo.functional.softmax import mean_of
 from attnzoo.layers import NormLayer, create_norm, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
@@ -74,7 +75,7 @@ class AdaptiveContextModule(nn.Module):
         """Returns the context (B, C', H, W) and the affinities (B, s^2, H, W)."""
         reduced = self.reduce(x)  # (B, C', H, W)
         regions = self.reduce_pooled(F.adaptive_avg_pool2d(x, self.pool_scale))  # (B, C', s, s)
-        context = self.global_info(reduced.mean(dim=(2, 3), keepdim=True))  # (B, C', 1, 1)
+        context = self.global_info(mean_of(reduced, (2, 3), keepdim=True))  # (B, C', 1, 1)
         affinity = torch.sigmoid(self.gla(reduced + context))  # (B, s^2, H, W), broadcast add
         # sum_r a_r(p) Y_r: (B, s^2, HW)^T @ (B, s^2, C') -> (B, HW, C'), written as one einsum
         # over the region axis so that neither operand needs a transposed copy

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_variant, parameter_dtype
+from attnzoo.functional.softmax import mean_of
 from attnzoo.layers import LayerSpec, NormLayer, create_layer, create_norm
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision.squeeze_excite import Pool, SqueezeExcite, needs_grad
@@ -171,7 +172,7 @@ class SpatialAttention(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         """M_s(x), (B, 1, H, W)."""
         check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
-        mean_map = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        mean_map = mean_of(x, 1, keepdim=True)  # (B, 1, H, W)
         if needs_grad(x):
             max_map = x.max(dim=1, keepdim=True).values  # (B, 1, H, W); max(dim): faster backward
         else:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo._tracing import is_eager
-from attnzoo.functional.softmax import masked_softmax
+from attnzoo.functional.softmax import masked_softmax, mean_of
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
@@ -222,7 +222,7 @@ class GlobalContext(nn.Module):
         """The context vector sum_j alpha_j x_j, (B, C), and the pooling weights alpha, (B, HW)."""
         if self.key is None:
             flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
-            context = flat.mean(dim=-1)
+            context = mean_of(flat, -1)
             weights = torch.full_like(flat[:, 0], 1.0 / flat.shape[-1])  # (B, HW), uniform
             return context, weights
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.key.weight.requires_grad)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_variant, parameter_dtype
+from attnzoo.functional.softmax import mean_of
 from attnzoo.layers import LayerSpec, create_layer
 from attnzoo.registry import Paper, Sample, Sizes, image_input, register
 
@@ -130,7 +131,7 @@ class SAGMask(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         """A_sag(x), (B, 1, H, W), for features x (B, D, H, W) after the conv stack."""
         max_map = x.max(dim=1, keepdim=True).values  # (B, 1, H, W); max, not amax: faster backward
-        mean_map = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        mean_map = mean_of(x, 1, keepdim=True)  # (B, 1, H, W)
         # NOTE: the official code concatenates [mean; max]; the paper writes P_max . P_avg
         maps = [mean_map, max_map] if self.variant == "official" else [max_map, mean_map]
         return self.gate(self.attn_conv(torch.cat(maps, dim=1)))

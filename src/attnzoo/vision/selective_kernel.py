@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
-from attnzoo.functional.softmax import masked_softmax
+from attnzoo.functional.softmax import masked_softmax, mean_of
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._norm import NormSpec, check_batch_statistics, create_norm
@@ -166,9 +166,9 @@ class SelectiveKernel(nn.Module):
         check_batch_statistics(self.norm, x, "the BatchNorm of the fuse step's z (norm)")
         feats = [branch(x) for branch in self.branches]  # M x (B, C, H', W')
         # GAP is linear: GAP(sum_m U_m) = sum_m GAP(U_m), without materialising U
-        pooled = feats[0].mean(dim=(2, 3))  # (B, C)
+        pooled = mean_of(feats[0], (2, 3))  # (B, C)
         for feat in feats[1:]:
-            pooled = pooled + feat.mean(dim=(2, 3))
+            pooled = pooled + mean_of(feat, (2, 3))
         batch = x.shape[0]
         z = self.norm(self.fc(pooled)[:, :, None, None])  # (B, d) -> (B, d, 1, 1)
         z = self.act(z.flatten(1))  # (B, d, 1, 1) -> (B, d)

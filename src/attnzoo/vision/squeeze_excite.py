@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_positive, parameter_dtype
+from attnzoo.functional.softmax import mean_of
 from attnzoo.layers import LayerSpec, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
@@ -29,7 +30,7 @@ def needs_grad(x: Tensor) -> bool:
 def channel_descriptor(x: Tensor, pool: str) -> Tensor:
     """Global pooling over every spatial dim: (B, C, *S) -> (B, C); ``pool`` is "avg" or "max"."""
     if pool == "avg":
-        return x.flatten(2).mean(dim=-1)  # (B, C, *S) -> (B, C, prod(S)) -> (B, C)
+        return mean_of(x.flatten(2), -1)  # (B, C, *S) -> (B, C, prod(S)) -> (B, C)
     if pool == "max":
         if needs_grad(x):
             # max(dim), not amax, where a gradient flows: its backward scatters through the
