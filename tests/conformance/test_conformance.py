@@ -268,7 +268,8 @@ def test_backward_keeps_no_large_tensor_for_its_shape_alone(case: Case) -> None:
     """``index_add``'s backward keeps its whole ``source`` (to expand the gathered gradient to its
     shape); where the source is an edge- or position-sized intermediate, that is one more such
     buffer kept to the backward, as graph_self_attention's weighted messages were (64 of 268 MiB
-    saved at 2 x 1024 tokens, bfloat16). ``scatter_add`` with an expanded index keeps the index."""
+    saved at 2 x 1024 tokens, bfloat16). A backward that keeps the index alone (graph_self_attention's
+    ``_SumIntoTargets``), or ``scatter_add`` with an expanded index, does not."""
     case.skip_unless_applies("gradients")
     module, inputs, kwargs = case.build()
     module.train()

@@ -320,3 +320,20 @@ def test_inference_path_matches_the_training_path():
     torch.testing.assert_close(fast_maps, plain_maps, rtol=1e-12, atol=1e-12)
     plain.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_sum_into_targets_matches_index_add_and_keeps_only_the_index():
+    """The per-target sum's backward is index_add's (gradcheck in float64) without keeping the
+    (E, ...) source: only the index is saved."""
+    from attnzoo.graph.graph_self_attention import _sum_into_targets
+
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(9, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 2, 2, 4, 0, 1, 4, 4, 2])
+    expected = torch.zeros(5, 2, 3, dtype=torch.float64).index_add(0, index, source)
+    torch.testing.assert_close(_sum_into_targets(source, index, 5), expected)
+    assert torch.autograd.gradcheck(lambda s: _sum_into_targets(s, index, 5), (source,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _sum_into_targets(source * 2, index, 5)
+    assert [t.shape for t in saved if t.is_floating_point()] == []  # mul keeps a scalar at most
