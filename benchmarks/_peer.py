@@ -4,17 +4,24 @@ bench_graph_attention: attnzoo against a peer library's computation, time and pe
 Each contender is a zero-argument callable (inference: eval + no_grad; training: train mode, forward
 + backward of the sum). Times are medians of interleaved repeats (``compare_calls``), with the
 spread (min-max) of each; peak memory is the peak of the bytes held by live tensors over one call
-(``peak_tensor_memory``: the profiler's memory timeline on CPU), after a warm-up call, the smaller
+(``peak_tensor_memory``: the profiler's memory timeline on CPU, the caching allocator's peak on
+CUDA), after a warm-up call, the smaller
 of two measurements (the first profiled call of a process can count more). It repeats from call to
 call: the resident-set high-water mark (``peak_memory``) used before moved by +-25 % between
 identical runs at these sizes, more than the differences between the contenders. Ratios are
 ours / peer: below 1 is better.
+
+``--device cuda`` (``add_device_argument``, ``use_device``) runs both contenders on a GPU: every
+tensor and module the script builds goes there, and each timed call is synchronised.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import platform
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -40,24 +47,83 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cpu", help="where both contenders run: cpu (default), cuda or cuda:N"
+    )
+
+
+def use_device(name: str) -> torch.device:
+    """Makes ``name`` the default device of every tensor and module the benchmark builds.
+
+    On CUDA, float32 convolutions and matmuls run without TF32 (cuDNN's convolutions would use it
+    by default), so that the float32 rows are float32 and the checks that both contenders agree
+    hold at float32 tolerances.
+    """
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {name}: expected a CUDA device, but torch sees none")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_device(device)
+    return device
+
+
+def installed(package: str) -> ModuleType | None:
+    """The peer's own package where it imports here (timm, torch_geometric), else None.
+
+    Where it does, the benchmarks time the peer's own module, loaded with the reproduction's weights
+    and checked equal to it first, so each run also tests that the reproduction is faithful.
+    """
+    try:
+        return importlib.import_module(package)
+    except Exception:  # timm imports torchvision, which fails against some torch builds
+        return None
+
+
+def peer_label(name: str, package: ModuleType | None) -> str:
+    """The peer's name with where its computation came from: its package or the reproduction."""
+    if package is None:
+        return f"{name} (reproduced)"
+    return f"{name} ({package.__name__} {getattr(package, '__version__', '')})".replace(" )", ")")
+
+
+def copy_in_order(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Loads ``source``'s state into ``target`` entry by entry, in registration order.
+
+    For a peer's own module and its reproduction, whose entries come in the same order under
+    other names (timm's ``spatial.conv.conv.weight`` against ``conv.weight``).
+    """
+    targets, sources = target.state_dict(), source.state_dict()
+    shapes = [tuple(t.shape) for t in targets.values()], [tuple(t.shape) for t in sources.values()]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"state entries differ: {list(targets)} {shapes[0]} vs {list(sources)} {shapes[1]}")
+    with torch.no_grad():
+        for mine, theirs in zip(targets.values(), sources.values()):
+            mine.copy_(theirs)
+
+
 def preamble(repeats: int) -> str:
     flags = torch.backends.cpu.get_cpu_capability()
-    return (
-        f"{cpu_name()} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"median of {repeats} interleaved repeats"
-    )
+    where = f"{cpu_name()} ({flags}), {torch.get_num_threads()} threads"
+    device = torch.get_default_device()
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} (host: {where}), float32 without TF32"
+    return f"{where}, torch {torch.__version__}, median of {repeats} interleaved repeats"
 
 
 def measure_pair(
     ours: Callable[[], object], peer: Callable[[], object], *, warmup: int, repeats: int
 ) -> dict[str, float]:
     """Times (median, min, max in ms) and peak memory (MiB) of both contenders."""
-    timing = compare_calls({"ours": ours, "peer": peer}, warmup=warmup, repeats=repeats)
+    device = torch.get_default_device()  # the CUDA figures need a synchronisation around each call
+    timing = compare_calls({"ours": ours, "peer": peer}, warmup=warmup, repeats=repeats, device=device)
     # the smaller of two measurements each: the first profiled call of a process can count tens of
     # MiB more than every later one (split_attention training at (8, 256, 64^2): 256.4, then 221.8
     # MiB for both contenders, in either order)
     memory = {
-        name: min(peak_tensor_memory(fn) for _ in range(2)) / MIB
+        name: min(peak_tensor_memory(fn, device=device) for _ in range(2)) / MIB
         for name, fn in (("ours", ours), ("peer", peer))
     }
     row: dict[str, float] = {}

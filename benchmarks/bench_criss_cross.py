@@ -53,7 +53,16 @@ import attnzoo
 from attnzoo.bench import peak_memory, time_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peer import HEADER, format_row, inference, measure_pair, preamble, training
+from _peer import (
+    HEADER,
+    add_device_argument,
+    format_row,
+    inference,
+    measure_pair,
+    preamble,
+    training,
+    use_device,
+)
 
 MIB = 2**20
 
@@ -103,14 +112,15 @@ def _perturbed(module: nn.Module) -> nn.Module:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            p.add_(0.1 * torch.randn(p.shape, generator=generator, device="cpu").to(p))
     return module.eval()
 
 
 def criss_cross_case(channels: int, side: int) -> tuple[nn.Module, tuple[Tensor, ...]]:
     torch.manual_seed(0)
     module = _perturbed(attnzoo.create("criss_cross", channels))
-    x = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)  # a CPU generator: the same input on every device
+    x = torch.randn(1, channels, side, side, generator=generator, device="cpu").to(torch.get_default_device())
     return module, (x,)
 
 
@@ -308,9 +318,11 @@ def main(argv: list[str] | None = None) -> None:
         default=["float32", "bfloat16"],
         help="--peers: the dtypes to run (default both)",
     )
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.peers:
+        use_device(args.device)
         sides = args.sides or ([32, 64] if args.quick else [32, 64, 128])
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         rows = peers_table(sides, args.channels, args.repeats or (3 if args.quick else 7), dtypes)

@@ -18,7 +18,9 @@ because the packages cannot be installed beside this project's pinned torch (tim
 torchvision at import time; mmcv needs its compiled ops): ``cbam`` against timm's
 ``CbamModule`` (timm/layers/cbam.py: 1x1-conv MLP without bias, ``amax`` pooling, 7x7 conv +
 BatchNorm) and ``gc`` against mmcv's ``ContextBlock`` (mmcv/cnn/bricks/context_block.py:
-``channel_add`` fusion), each loading the attnzoo module's weights and checked equal first.
+``channel_add`` fusion), each loading the attnzoo module's weights and checked equal first. Where
+timm imports (a GPU machine's image, say), its own ``CbamModule`` is timed instead, loaded with the
+reproduction's weights and checked equal to ours. ``--device cuda`` runs the table on a GPU.
 
 Ratios below 1 mean attnzoo is faster; ResNet overheads are relative to the plain ResNet-50 timed in
 the same run. Compare ratios, not absolute times, on a shared machine.
@@ -40,7 +42,19 @@ from attnzoo.bench import time_call
 from attnzoo.models.resnet import resnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peer import HEADER, format_row, inference, measure_pair, preamble, training
+from _peer import (
+    HEADER,
+    add_device_argument,
+    copy_in_order,
+    format_row,
+    inference,
+    installed,
+    measure_pair,
+    peer_label,
+    preamble,
+    training,
+    use_device,
+)
 
 Baseline = Callable[[nn.Module, Tensor], Tensor]
 
@@ -131,7 +145,7 @@ def randomise(module: nn.Module) -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, device="cpu").to(p))
 
 
 def _callers(
@@ -238,17 +252,25 @@ class TimmCbam(nn.Module):
         return x * torch.sigmoid(x_attn)
 
 
+TIMM = installed("timm")
+
+
 def timm_cbam_pair(channels: int) -> tuple[nn.Module, nn.Module]:
     """attnzoo's cbam configured as timm's (no MLP bias, conv + BN) and timm's, same weights."""
     ours = attnzoo.create("cbam", channels, variant="official", mlp_bias=False)
     randomise(ours)
-    peer = TimmCbam(channels, ours.channel.fc1.out_features)
+    rd_channels = ours.channel.fc1.out_features
+    peer = TimmCbam(channels, rd_channels)
     with torch.no_grad():
         peer.fc1.weight.copy_(ours.channel.fc1.weight[:, :, None, None])
         peer.fc2.weight.copy_(ours.channel.fc2.weight[:, :, None, None])
         # attnzoo's official order is [max; mean], timm's [mean; max]
         peer.conv.weight.copy_(ours.spatial.conv.weight.flip(1))
     peer.bn.load_state_dict(ours.spatial.norm.state_dict())
+    if TIMM is not None:  # timm's own module, its entries in the reproduction's order
+        real = TIMM.layers.CbamModule(channels, rd_channels=rd_channels, mlp_bias=False)
+        copy_in_order(real, peer)
+        peer = real
     return ours, peer
 
 
@@ -297,8 +319,8 @@ def mmcv_gc_pair(channels: int) -> tuple[nn.Module, nn.Module]:
 
 
 PEERS: dict[str, tuple[str, Callable[[int], tuple[nn.Module, nn.Module]]]] = {
-    "cbam": ("timm CbamModule", timm_cbam_pair),
-    "gc": ("mmcv ContextBlock", mmcv_gc_pair),
+    "cbam": (peer_label("timm CbamModule", TIMM), timm_cbam_pair),
+    "gc": (peer_label("mmcv ContextBlock", None), mmcv_gc_pair),  # mmcv needs its compiled ops
 }
 
 
@@ -350,9 +372,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first")
     parser.add_argument("--skip-resnet", action="store_true", help="only the modules")
     parser.add_argument("--peers", action="store_true", help="only cbam and gc against timm and mmcv")
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peers:
+        use_device(args.device)
         args.repeats = args.repeats or (3 if args.quick else 7)
         args.warmup = 1 if args.warmup is None else args.warmup
         rows = bench_peers(args)

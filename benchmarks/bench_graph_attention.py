@@ -17,7 +17,9 @@ project's pinned torch (torch_geometric's wheels track torch releases), so its c
 reproduced from its source (torch_geometric/nn/conv/transformer_conv.py with
 ``root_weight=False``, the ``softmax`` of torch_geometric/utils/_softmax.py and the ``add``
 aggregation, all in the input's dtype), followed by the same output projection as ours
-(TransformerConv has none; ``root_weight``'s ``lin_skip`` would cost the same)::
+(TransformerConv has none; ``root_weight``'s ``lin_skip`` would cost the same). Where
+torch_geometric imports, its own ``TransformerConv`` is timed instead, with our projections'
+weights, checked equal to ours first. ``--device cuda`` runs the table on a GPU::
 
     python benchmarks/bench_graph_attention.py --peers            # 8 x 1024 tokens
     python benchmarks/bench_graph_attention.py --peers --quick    # 2 x 512 tokens
@@ -39,7 +41,18 @@ from attnzoo.graph.graph_self_attention import GraphSelfAttention, binary_partit
 from attnzoo.sequence.mha import MultiheadAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peer import HEADER, format_row, inference, measure_pair, preamble, training
+from _peer import (
+    HEADER,
+    add_device_argument,
+    format_row,
+    inference,
+    installed,
+    measure_pair,
+    peer_label,
+    preamble,
+    training,
+    use_device,
+)
 
 
 def contenders(n: int, d: int, h: int, k: int) -> dict[str, tuple[torch.nn.Module, tuple, str]]:
@@ -158,6 +171,26 @@ def pyg_transformer_conv(
     return module.out_proj(out.view(-1, heads * channels))
 
 
+PYG = installed("torch_geometric")
+
+
+def pyg_peer(module: GraphSelfAttention) -> tuple[Callable[..., torch.Tensor], str]:
+    """PyG's own TransformerConv (then our W^O) where torch_geometric imports, else the reproduction."""
+    if PYG is None:
+        return (lambda x, e: pyg_transformer_conv(module, x, e)), peer_label("PyG TransformerConv", None)
+    h, d = module.num_heads, module.head_dim
+    bias = module.q_proj.bias is not None
+    conv = PYG.nn.TransformerConv(h * d, d, heads=h, root_weight=False, bias=bias)
+    for theirs, ours in (
+        (conv.lin_query, module.q_proj),
+        (conv.lin_key, module.k_proj),
+        (conv.lin_value, module.v_proj),
+    ):
+        theirs.load_state_dict(ours.state_dict())
+    conv = conv.to(module.q_proj.weight.dtype)
+    return (lambda x, e: module.out_proj(conv(x, e))), peer_label("PyG TransformerConv", PYG)
+
+
 def batched_bp_graph(graphs: int, tokens: int, k: int) -> tuple[torch.Tensor, int]:
     """``graphs`` BP graphs of ``tokens`` tokens as one disjoint graph (PyG's Batch)."""
     graph = binary_partition_graph(tokens, k)
@@ -175,7 +208,7 @@ def peers_table(graphs: int, tokens: int, d: int, h: int, k: int, repeats: int) 
         torch.manual_seed(0)
         module = GraphSelfAttention(d, h).to(dtype)
         x = torch.randn(num_nodes, d).to(dtype)
-        peer = lambda t, e: pyg_transformer_conv(module, t, e)  # noqa: E731
+        peer, label = pyg_peer(module)
         module.eval()
         with torch.no_grad():
             tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -183,7 +216,7 @@ def peers_table(graphs: int, tokens: int, d: int, h: int, k: int, repeats: int) 
         r = measure_pair(
             inference(module, x, edge_index), inference(peer, x, edge_index), warmup=1, repeats=repeats
         )
-        rows.append(format_row("graph_self_attention", "PyG TransformerConv", size, dtype, "inference", r))
+        rows.append(format_row("graph_self_attention", label, size, dtype, "inference", r))
         print(rows[-1], flush=True)
         module.train()
         params = list(module.parameters())
@@ -193,7 +226,7 @@ def peers_table(graphs: int, tokens: int, d: int, h: int, k: int, repeats: int) 
             warmup=1,
             repeats=repeats,
         )
-        rows.append(format_row("graph_self_attention", "PyG TransformerConv", size, dtype, "training", r))
+        rows.append(format_row("graph_self_attention", label, size, dtype, "training", r))
         print(rows[-1], flush=True)
     return rows
 
@@ -210,9 +243,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="BP contexts per level and side")
     parser.add_argument("--quick", action="store_true", help="N = 512, 2 repeats: a smoke run")
     parser.add_argument("--peers", action="store_true", help="against PyG TransformerConv (8 x 1024 tokens)")
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peers:
+        use_device(args.device)
         graphs, tokens = (2, 512) if args.quick else (8, 1024)
         repeats = 3 if args.quick else args.repeats
         rows = peers_table(graphs, tokens, args.d, args.heads, args.k, repeats)

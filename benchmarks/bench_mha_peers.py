@@ -11,7 +11,8 @@ interleaved repeats (medians, min-max spread) and the peak of live tensor bytes 
    installed here (its package imports torchvision at import time), so its computation is
    reproduced below (``TimmAttention``): one packed qkv Linear, ``scaled_dot_product_attention``,
    the heads merged by ``transpose(1, 2).reshape`` and the output Linear, with the same weights as
-   ours (checked equal before timing).
+   ours (checked equal before timing). Where timm imports, its own ``Attention`` is timed instead,
+   loaded with the same weights and checked equal to ours.
 2. ``attention`` (score ``scaled_dot``) against keras's ``Attention`` layer as its torch backend
    runs it (reproduced: ``scores = q @ k^T * scale``, softmax, ``weights @ v``), training
    forward + backward, B = 8, d = 256, N = 512 and 2048, float32.
@@ -32,7 +33,18 @@ import attnzoo
 from attnzoo.sequence.mha import MultiheadAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peer import HEADER, format_row, inference, measure_pair, preamble, training
+from _peer import (
+    HEADER,
+    add_device_argument,
+    format_row,
+    inference,
+    installed,
+    measure_pair,
+    peer_label,
+    preamble,
+    training,
+    use_device,
+)
 
 
 class TimmAttention(nn.Module):
@@ -64,6 +76,21 @@ class TimmAttention(nn.Module):
         return self.proj(x)
 
 
+TIMM = installed("timm")
+
+
+def timm_attention(ours: MultiheadAttention) -> tuple[nn.Module, str]:
+    """timm's own ``Attention`` where timm imports, else the reproduction; with the peer's label."""
+    peer = TimmAttention.like(ours)
+    if TIMM is None:
+        return peer, peer_label("timm Attention", None)
+    # timm 1.0 defines it in the ViT model file; later versions in timm.layers
+    attention = getattr(TIMM.layers, "Attention", None) or TIMM.models.vision_transformer.Attention
+    real = attention(ours.embed_dim, num_heads=ours.num_heads, qkv_bias=True)
+    real.load_state_dict(peer.state_dict())  # the same entries: qkv and proj
+    return real, peer_label("timm Attention", TIMM)
+
+
 def keras_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """keras.layers.Attention (score_mode="dot") as its torch backend computes it."""
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
@@ -80,7 +107,8 @@ def mha_rows(lengths: list[int], dtypes: list[torch.dtype], repeats: int) -> lis
         with torch.no_grad():
             for p in (ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias, ours.out_proj.bias):
                 p.normal_(0, 0.1)
-        peer = TimmAttention.like(ours).eval().to(dtype)
+        peer, label = timm_attention(ours)
+        peer = peer.eval().to(dtype)
         ours = ours.to(dtype)
         for n in lengths:
             x = torch.randn(b, n, d, dtype=dtype)
@@ -89,7 +117,7 @@ def mha_rows(lengths: list[int], dtypes: list[torch.dtype], repeats: int) -> lis
                 torch.testing.assert_close(ours(x), peer(x), rtol=tol, atol=tol)
             result = measure_pair(inference(ours, x), inference(peer, x), warmup=1, repeats=repeats)
             size = f"B {b}, N {n}, d {d}, h {h}"
-            rows.append(format_row("mha", "timm Attention", size, dtype, "inference", result))
+            rows.append(format_row("mha", label, size, dtype, "inference", result))
             gc.collect()
     return rows
 
@@ -122,8 +150,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="the issue's sizes only, float32, 3 repeats")
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_device(args.device)
     repeats = 3 if args.quick else args.repeats
     print(preamble(repeats), "\n")
     print(HEADER)

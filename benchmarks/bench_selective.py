@@ -13,8 +13,10 @@ not absolute times, on a shared machine.
 
 ``--peers`` compares split_attention instead with timm's ``SplitAttn`` (issue 13; timm/layers/
 split_attn.py with its ``RadixSoftmax``, in-place ReLUs, reproduced here because timm imports
-torchvision at import time, which this project does not install), at C = 256, 64x64 and C = 64,
-32x32, batch 8, in float32 and bfloat16, inference and training, time and peak memory::
+torchvision at import time, which this project does not install; where timm imports, its own
+``SplitAttn`` is timed instead, checked equal to ours first), at C = 256, 64x64 and C = 64, 32x32,
+batch 8, in float32 and bfloat16, inference and training, time and peak memory (``--device cuda``:
+on a GPU)::
 
     python benchmarks/bench_selective.py --peers            # batch 8
     python benchmarks/bench_selective.py --peers --quick    # batch 2
@@ -36,7 +38,18 @@ import attnzoo
 from attnzoo.bench import compare_calls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peer import HEADER, format_row, inference, measure_pair, preamble, training
+from _peer import (
+    HEADER,
+    add_device_argument,
+    format_row,
+    inference,
+    installed,
+    measure_pair,
+    peer_label,
+    preamble,
+    training,
+    use_device,
+)
 
 NAMES = ["sk", "split_attention", "scconv"]
 
@@ -142,6 +155,19 @@ class TimmSplitAttn(PlainSplitAttention):
         return out.contiguous()
 
 
+TIMM = installed("timm")
+
+
+def timm_split_attn(ours: nn.Module) -> nn.Module:
+    """timm's own ``SplitAttn`` where timm imports and its widths can match ours, else the reproduction."""
+    channels, radix, cardinality, rd = ours.channels, ours.radix, ours.cardinality, ours.rd_channels
+    if TIMM is not None and rd % radix == 0:  # timm's attention width is rd_channels * radix
+        return TIMM.layers.SplitAttn(
+            channels, groups=cardinality, radix=radix, rd_channels=rd // radix, norm_layer=nn.BatchNorm2d
+        )
+    return TimmSplitAttn(channels, radix, cardinality, rd)
+
+
 def peers_table(
     batch: int, repeats: int, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 ) -> list[str]:
@@ -151,8 +177,9 @@ def peers_table(
         for dtype in dtypes:
             torch.manual_seed(0)
             ours = attnzoo.create("split_attention", channels)
-            peer = TimmSplitAttn(channels, ours.radix, ours.cardinality, ours.rd_channels)
-            peer.load_state_dict(ours.state_dict())
+            peer = timm_split_attn(ours)
+            peer.load_state_dict(ours.state_dict())  # the same entry names in timm's and ours
+            label = peer_label("timm SplitAttn", None if isinstance(peer, TimmSplitAttn) else TIMM)
             ours, peer = ours.to(dtype), peer.to(dtype)
             x = torch.randn(batch, channels, side, side).to(dtype)
             ours.eval(), peer.eval()
@@ -161,7 +188,7 @@ def peers_table(
                 torch.testing.assert_close(ours(x), peer(x), rtol=tol, atol=tol)
             size = f"({batch}, {channels}, {side}, {side})"
             r = measure_pair(inference(ours, x), inference(peer, x), warmup=1, repeats=repeats)
-            rows.append(format_row("split_attention", "timm SplitAttn", size, dtype, "inference", r))
+            rows.append(format_row("split_attention", label, size, dtype, "inference", r))
             print(rows[-1], flush=True)
             ours.train(), peer.train()
             r = measure_pair(
@@ -170,7 +197,7 @@ def peers_table(
                 warmup=1,
                 repeats=repeats,
             )
-            rows.append(format_row("split_attention", "timm SplitAttn", size, dtype, "training", r))
+            rows.append(format_row("split_attention", label, size, dtype, "training", r))
             print(rows[-1], flush=True)
     return rows
 
@@ -239,10 +266,12 @@ def main() -> None:
         default=["float32", "bfloat16"],
         help="--peers: the dtypes to run (default both)",
     )
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.peers:
+        use_device(args.device)
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         rows = peers_table(2 if args.quick else 8, args.repeats or (3 if args.quick else 7), dtypes)
         print("\n" + "\n".join(rows))
