@@ -45,6 +45,12 @@ def parameter_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type; False for a type autocast does not know (the
+    meta device, where ``torch.is_autocast_enabled`` raises: shape inference runs modules there)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def check_dtype(
     x: torch.Tensor, name: str, dtype: torch.dtype | None, source: str = "the module's parameters"
 ) -> None:
@@ -58,7 +64,7 @@ def check_dtype(
     """
     if dtype is None or _traced(x) or x.dtype == dtype:
         return
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled(x.device):
         return
     raise TypeError(
         f"{name}: expected {dtype} (the dtype of {source}), got {x.dtype}; cast the input "

@@ -11,12 +11,13 @@ present, else on the CPU; noise and masks are built on the modules' device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
 import pickle
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,12 +316,25 @@ def test_non_default_sizes(case: Case) -> None:
     assert torch.isfinite(out).all()
 
 
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Bitwise-repeatable kernels, as a user asks for them: CUDA's atomic adds (index_add,
+    scatter_add) sum in a different order on every call by default; in this mode torch runs its
+    deterministic implementations, or raises where an op has none."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_state_dict_round_trip_and_determinism(case: Case) -> None:
     source, inputs, kwargs = case.build(seed=0)
     target, _, _ = case.build(seed=1)
     target.load_state_dict(source.state_dict())
     source.eval(), target.eval()
-    with torch.no_grad():
+    with torch.no_grad(), deterministic():
         expected = first(source(*inputs, **kwargs))
         assert_close(first(source(*inputs, **kwargs)), expected, rtol=0, atol=0)
         assert_close(first(target(*inputs, **kwargs)), expected, rtol=0, atol=0)
@@ -559,6 +573,27 @@ def test_autocast_keeps_working(case: Case) -> None:
     assert error < 5e-2, f"{case.spec.name}: relative error {error:.2e} under autocast"
 
 
+def test_runs_on_the_meta_device(case: Case) -> None:
+    """Every tensor a module makes is made on its input's device (bug: the causal mask was made on
+    the default device, the CPU, and every causal call on CUDA failed). On the meta device a tensor
+    made elsewhere is an error, so the CPU suite catches what only a GPU run showed; shape inference
+    and deferred initialisation run modules there too. The shapes agree with a real call's."""
+    case.skip_unless_applies("meta")
+    module, inputs, kwargs = case.build()
+    module.eval()
+    flags = [{}, {"return_attn": True}] if case.spec.returns_attn else [{}]
+    with torch.no_grad():
+        expected = [tensors_in(module(*inputs, **kwargs, **flag)) for flag in flags]
+    module.to("meta")
+    meta_inputs = tuple(x.to("meta") for x in inputs)
+    meta_kwargs = {k: v.to("meta") if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    for flag, real in zip(flags, expected):
+        with torch.no_grad():
+            out = tensors_in(module(*meta_inputs, **meta_kwargs, **flag))
+        assert [t.shape for t in out] == [t.shape for t in real], f"{case.spec.name} {flag}"
+        assert all(t.device.type == "meta" for t in out)
+
+
 def _elsewhere() -> torch.device:
     return torch.device("meta") if DEVICE.type == "cpu" else torch.device("cpu")
 
@@ -680,7 +715,7 @@ def test_pickle_and_deepcopy(thorough: Case) -> None:
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     clones = [loaded, pickle.loads(pickle.dumps(module)), copy.deepcopy(module)]
-    with torch.no_grad():
+    with torch.no_grad(), deterministic():
         expected = first(module(*inputs, **kwargs))
         for clone in clones:
             assert_close(first(clone(*inputs, **kwargs)), expected, rtol=0, atol=0)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from attnzoo._checks import check_mask
+from attnzoo._checks import autocast_enabled, check_mask
 from attnzoo.functional.softmax import masked_softmax
 
 __all__ = [
@@ -99,11 +99,11 @@ def key_padding_to_mask(key_mask: Tensor, batch: int, n_k: int, device: torch.de
     return key_mask.unsqueeze(1)  # (B, N_k) -> (B, 1, N_k): the same for every query
 
 
-def merge_masks(mask: Tensor | None, causal: bool, n_q: int, n_k: int) -> Tensor | None:
-    """Combine a user mask (bool or additive) with a causal mask into one mask, or None."""
+def merge_masks(mask: Tensor | None, causal: bool, n_q: int, n_k: int, device: torch.device) -> Tensor | None:
+    """Combine a user mask (bool or additive) with a causal mask on ``device`` (the scores') into
+    one mask, or None."""
     if not causal:
         return mask
-    device = mask.device if mask is not None else None
     return and_masks(mask, causal_mask(n_q, n_k, device=device))
 
 
@@ -280,7 +280,7 @@ def attention_weights(
     n_q, n_k = q.shape[-2], k.shape[-2]
     if mask is not None:
         check_mask(mask, "mask", logits.shape, device=logits.device)
-    return masked_softmax(logits, merge_masks(mask, causal, n_q, n_k))
+    return masked_softmax(logits, merge_masks(mask, causal, n_q, n_k, logits.device))
 
 
 class Attended(NamedTuple):
@@ -348,7 +348,7 @@ def attend_with_weights(
             return_weights=return_weights, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a,
         )  # fmt: skip
         return Attended(traced[0], traced[1] if return_weights else None)
-    if torch.is_autocast_enabled(q.device.type) and not q.dtype == k.dtype == v.dtype:
+    if autocast_enabled(q.device) and not q.dtype == k.dtype == v.dtype:
         # under autocast, operands legitimately arrive in two precisions (a value kept in float32
         # beside autocast-produced queries): compute in the autocast dtype, as the matmuls would
         dtype = torch.get_autocast_dtype(q.device.type)
@@ -381,7 +381,7 @@ def attend_with_weights(
             q, k = F.pad(q, (0, width_v - width_qk)), F.pad(k, (0, width_v - width_qk))
         # causal alone: the kernel's own causal mode, without forming an N x N bool mask
         kernel_causal = causal and mask is None and n_q == n_k
-        mask = None if kernel_causal else merge_masks(mask, causal, n_q, n_k)
+        mask = None if kernel_causal else merge_masks(mask, causal, n_q, n_k, q.device)
         lead = _lead_shape(q, k, v)
         q4, k4, v4, mask4 = _as_4d(q, k, v, mask, lead)
         if kernel_causal:
@@ -396,7 +396,7 @@ def attend_with_weights(
         out = out[..., :width_v] if v.shape[-1] != width_v else out
         # in place where autograd records nothing: an out-of-place add would hold a second
         # output-sized buffer at the call's memory peak (inference)
-        nan = query_nan.to(out.dtype)
+        nan = query_nan if query_nan.dtype == out.dtype else query_nan.to(out.dtype)
         return Attended(out + nan if out.requires_grad else out.add_(nan), None)
 
     weights = attention_weights(

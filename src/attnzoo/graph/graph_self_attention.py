@@ -223,6 +223,18 @@ def _typed_example_inputs(s: Sizes) -> tuple[Tensor, ...]:
     return x, edge_index, edge_type
 
 
+def _has_values(index: Tensor) -> bool:
+    """Whether ``index``'s values can be read here: eager (a value check cannot be traced), not on
+    the meta device (shape inference), and not empty."""
+    return is_eager(index) and index.device.type != "meta" and index.numel() > 0
+
+
+def _bounds(index: Tensor) -> tuple[int, int]:
+    """``index``'s smallest and largest values, in one read from the device."""
+    low, high = torch.aminmax(index)
+    return tuple(torch.stack([low, high]).tolist())  # type: ignore[return-value]
+
+
 @register(
     "graph_self_attention",
     map_kind="edges",
@@ -351,9 +363,10 @@ class GraphSelfAttention(nn.Module):
                 raise TypeError(f"edge_index: expected int64 (2, E) or bool (N, N), got {edge_index.dtype}")
             if edge_index.dim() != 2 or edge_index.shape[0] != 2:
                 raise ValueError(f"edge_index: expected shape (2, E), got {tuple(edge_index.shape)}")
-            if is_eager(edge_index) and edge_index.numel():
-                # eager only: a value check cannot be traced, and out-of-range gathers fail anyway
-                low, high = int(edge_index.min()), int(edge_index.max())
+            if _has_values(edge_index):
+                # an out-of-range id would be a device-side assert on CUDA, which ends the process's
+                # CUDA context: checked here, with one host read of both bounds
+                low, high = _bounds(edge_index)
                 if low < 0 or high >= num_nodes:
                     raise ValueError(
                         f"edge_index: expected node ids in [0, {num_nodes}), got values in [{low}, {high}]"
