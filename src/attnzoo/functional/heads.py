@@ -79,7 +79,15 @@ def project_shared_input(x: Tensor, projections: tuple[nn.Module, ...], num_head
     weight = torch.cat([p.weight for p in linears])  # (sum E_i, D)
     bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]  # (sum E_i,)
     packed = F.linear(x, weight, bias)  # (B, N, D) @ (D, sum E_i) -> (B, N, sum E_i)
-    return tuple(split_heads(part, num_heads) for part in packed.split([p.out_features for p in linears], -1))
+    widths = [p.out_features for p in linears]
+    if len(set(widths)) == 1:
+        # one view, one permute, one unbind instead of a split and a view and a transpose per part
+        # (on a GPU, where small calls are launch-bound, each operator counts):
+        # (B, N, P*E) -> (B, N, P, h, d) -> (P, B, h, N, d)
+        batch, length = packed.shape[0], packed.shape[1]
+        parts = packed.view(batch, length, len(widths), num_heads, widths[0] // num_heads)
+        return parts.permute(2, 0, 3, 1, 4).unbind(0)
+    return tuple(split_heads(part, num_heads) for part in packed.split(widths, -1))
 
 
 def merge_heads(x: Tensor) -> Tensor:

@@ -370,7 +370,9 @@ class MultiheadAttention(nn.Module):
 
     def _output(self, merged: Tensor) -> Tensor:
         """W^O and the output dropout, on the merged heads (B, N_q, h*d)."""
-        return self.out_dropout(self.out_proj(merged))
+        out = self.out_proj(merged)
+        # not even called where it is the identity: one operator less per call
+        return self.out_dropout(out) if self.training and self.out_dropout.p > 0 else out
 
     def scale_heads(self, heads: Tensor) -> Tensor:
         """Hook on the heads' outputs (B, h, N_q, d) before they are merged; identity here
