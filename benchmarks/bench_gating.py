@@ -29,6 +29,7 @@ the same run. Compare ratios, not absolute times, on a shared machine.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -268,7 +269,8 @@ def timm_cbam_pair(channels: int) -> tuple[nn.Module, nn.Module]:
         peer.conv.weight.copy_(ours.spatial.conv.weight.flip(1))
     peer.bn.load_state_dict(ours.spatial.norm.state_dict())
     if TIMM is not None:  # timm's own module, its entries in the reproduction's order
-        real = TIMM.layers.CbamModule(channels, rd_channels=rd_channels, mlp_bias=False)
+        cbam = importlib.import_module("timm.layers.cbam")  # not exported by timm.layers
+        real = cbam.CbamModule(channels, rd_channels=rd_channels, mlp_bias=False)
         copy_in_order(real, peer)
         peer = real
     return ours, peer
