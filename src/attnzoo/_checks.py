@@ -46,9 +46,13 @@ def parameter_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def autocast_enabled(device: torch.device) -> bool:
-    """Whether autocast is on for ``device``'s type; False for a type autocast does not know (the
-    meta device, where ``torch.is_autocast_enabled`` raises: shape inference runs modules there)."""
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    """Whether autocast is on for ``device``'s type; False on the meta device, which autocast does
+    not know (``torch.is_autocast_enabled`` raises there; shape inference runs modules there).
+
+    Not ``torch.amp.is_autocast_available``: torch 2.11's dynamo cannot trace it, and every
+    compiled call through attend broke its graph there (seen on an H200).
+    """
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def check_dtype(
