@@ -60,7 +60,10 @@ def use_device(name: str) -> torch.device:
     by default), so that the float32 rows are float32 and the checks that both contenders agree
     hold at float32 tolerances.
     """
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: expected a device such as cpu, cuda or cuda:0") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {name}: expected a CUDA device, but torch sees none")
