@@ -52,3 +52,41 @@ def test_device_errors_name_the_argument_and_both_devices():
     with pytest.raises(ValueError, match="edge_index: .* meta"):
         check_device(torch.ones(2, device="meta"), "edge_index", torch.device("cpu"))
     check_device(torch.ones(2), "edge_index", None)  # None skips
+
+
+def _first_floating_parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The definition: the first floating entry of ``module.parameters()``."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def test_parameter_dtype_is_that_of_the_first_floating_parameter_in_parameters_order():
+    """parameter_dtype reads the registration dicts (parameters() costs ~25 us a call); it must
+    find the same parameter: the module's own first, then each child's depth first, skipping
+    unset (None) parameters and parameter-free children."""
+    inner = nn.Sequential(nn.ReLU(), nn.Linear(2, 2).double(), nn.Linear(2, 2).half())
+    outer = nn.Sequential(nn.Identity(), nn.Linear(2, 2, bias=False).to(torch.bfloat16), inner)
+    outer[1].register_parameter("bias", None)
+    cases = {
+        "nested": nn.Sequential(nn.ReLU(), inner),  # float64: inner's second child
+        "order": outer,  # bfloat16: the first child with a parameter, before inner's
+        "own first": nn.Linear(2, 2).double(),
+        "none": nn.Sequential(nn.ReLU(), nn.Identity()),
+    }
+    own = nn.Module()
+    own.child = nn.Linear(2, 2)  # float32, registered first...
+    own.weight = nn.Parameter(torch.zeros(2, dtype=torch.float64))  # ...but own parameters come first
+    cases["own before children"] = own
+    expected = {"nested": torch.float64, "order": torch.bfloat16, "own first": torch.float64, "none": None}
+    expected["own before children"] = torch.float64
+    for name, module in cases.items():
+        assert parameter_dtype(module) == _first_floating_parameter_dtype(module) == expected[name], name
+    # every registered mechanism, with a later submodule in another dtype
+    import attnzoo
+
+    for spec_name in attnzoo.list_modules():
+        spec = attnzoo.get_spec(spec_name)
+        module = spec.build(spec.sizes())
+        children = list(module.children())
+        if children:
+            children[-1].double()
+        assert parameter_dtype(module) == _first_floating_parameter_dtype(module), spec_name
