@@ -453,8 +453,9 @@ def _gemm_count(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
 
 
 def test_self_attention_projects_q_k_v_in_one_gemm_with_the_same_result():
-    """From B N >= d tokens on, self-attention's q, k, v come from one GEMM of the stacked weights
-    (then the out projection: 2 GEMMs), equal to three separate projections; few tokens, cross
+    """From B N >= d tokens on (or with at most 2^14 stacked weights), self-attention's q, k, v come
+    from one GEMM of the stacked weights (then the out projection: 2 GEMMs), equal to three separate
+    projections; few tokens beside many weights, cross
     attention, a hooked or replaced projection and fx tracing keep one call per projection."""
     torch.manual_seed(0)
     mha = MultiheadAttention(32, 4).eval()
@@ -470,7 +471,10 @@ def test_self_attention_projects_q_k_v_in_one_gemm_with_the_same_result():
     grads = [torch.autograd.grad(m(x).square().sum(), list(m.parameters())) for m in (mha, separate)]
     for packed_grad, separate_grad in zip(*grads):
         torch.testing.assert_close(packed_grad, separate_grad, rtol=1e-5, atol=1e-6)
-    assert _gemm_count(mha, x[:, :4]) == 4  # 8 tokens < d: the weight copy would cost more
+    assert _gemm_count(mha, x[:, :4]) == 2  # 8 tokens < d, but 3 d^2 = 3072 weights: a cheap copy
+    wide = MultiheadAttention(128, 4).eval()  # 3 d^2 = 49152 weights
+    assert _gemm_count(wide, torch.randn(2, 4, 128)) == 4  # 8 tokens < d: the copy would cost more
+    assert _gemm_count(wide, torch.randn(2, 64, 128)) == 2
     assert _gemm_count(mha, x, x.clone()) == 4  # key is another tensor: not self-attention
     # sequence-first and unbatched inputs are self-attention too
     seq_first = MultiheadAttention(32, 4, batch_first=False).eval()
@@ -511,3 +515,22 @@ def test_merged_heads_are_a_view_of_the_fused_output_in_eager_mode():
     merged = merge_heads(head_major)
     assert merged.data_ptr() != head_major.data_ptr() and merged.is_contiguous()
     torch.testing.assert_close(merged, head_major.transpose(1, 2).reshape(2, 5, 12))
+
+
+def test_the_plain_call_runs_no_operator_beyond_the_computation():
+    """Self-attention without masks or maps (the common call) runs the projections, the fused
+    kernel and the NaN carrier, and nothing else: no checks or re-layouts that reach the
+    dispatcher (each is a kernel launch on a GPU, where small calls are launch-bound). The
+    metadata-only views are not counted."""
+    from attnzoo.testing import OpRecorder
+
+    mha = MultiheadAttention(32, 4).eval()
+    views = ("aten.view", "aten.t.", "aten.transpose", "aten.permute", "aten.unbind", "aten.detach")
+    x = torch.randn(2, 16, 32)
+    for kwargs in ({}, {"causal": True}):
+        with torch.no_grad(), OpRecorder() as recorder:
+            mha(x, **kwargs)
+        computed = [name.split(".")[1] for name in recorder.names() if not name.startswith(views)]
+        computed = ["sdpa" if "scaled_dot_product" in name else name for name in computed]
+        # the stacked W^Q, W^K, W^V and biases; q, k, v; NaN carrier s - s; attention; + carrier; W^O
+        assert computed == ["cat", "cat", "addmm", "sum", "sub", "sdpa", "add_", "addmm"], kwargs

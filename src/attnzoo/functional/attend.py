@@ -114,19 +114,20 @@ def _default_scale(score: str, d_k: int, scale: float | None) -> float:
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None, score: str) -> None:
+    # every call goes through here: plain loops and comparisons, no dicts or generators (a small
+    # call's whole cost is its Python, on a GPU above all)
     if score not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
-    tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    for name, t in tensors.items():
+    named = (("q", q), ("k", k)) if v is None else (("q", q), ("k", k), ("v", v))
+    for name, t in named:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
         if t.dim() < 2:
             raise ValueError(f"{name}: expected (..., N, D) with at least 2 dims, got {tuple(t.shape)}")
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"q, k, v: expected one dtype, got {dtypes}")
+    if q.dtype != k.dtype or (v is not None and v.dtype != q.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got { ({name: t.dtype for name, t in named}) }")
     if v is not None and k.shape[-2] != v.shape[-2]:
         raise ValueError(
             f"k, v: expected the same number of keys and values, got k {tuple(k.shape)} "
@@ -165,10 +166,10 @@ def _lead_shape(*tensors: Tensor) -> torch.Size:
     fused attention call. While tracing, it keeps ``torch.broadcast_shapes`` so that no equality guard
     is added between dynamic sizes.
     """
-    first = tensors[0].shape[:-2]
-    if not torch.compiler.is_compiling() and all(t.shape[:-2] == first for t in tensors[1:]):
-        return first
-    return torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
+    leads = [t.shape[:-2] for t in tensors]
+    if not torch.compiler.is_compiling() and leads.count(leads[0]) == len(leads):
+        return leads[0]
+    return torch.broadcast_shapes(*leads)
 
 
 def _as_4d(
@@ -184,6 +185,8 @@ def _as_4d(
     after broadcasting. A mask gets 4 dims too: with 3 (a (B, 1, N_k) key padding, say) SDPA
     leaves its fused CPU kernel for the math path, which forms the N_q x N_k matrix.
     """
+    if len(lead) == 2 and q.dim() == k.dim() == v.dim() == 4 and (mask is None or mask.dim() != 3):
+        return q, k, v, mask  # (B, h, N, D) each, as multi-head callers pass them: nothing to do
     if len(lead) == 1:
         # (B, N, D) -> (B, 1, N, D); an (N, D) operand broadcasts as (1, 1, N, D)
         q, k, v = (t.unsqueeze(1) if t.dim() == 3 else t.reshape(1, 1, *t.shape) for t in (q, k, v))
@@ -317,6 +320,37 @@ def _nan_carrier(q: Tensor) -> Tensor:
     return total - total
 
 
+def _carry_nan(out: Tensor, query_nan: Tensor) -> Tensor:
+    """``out + query_nan``: in place where autograd records nothing (an out-of-place add would hold
+    a second output-sized buffer at the call's memory peak, in inference)."""
+    nan = query_nan if query_nan.dtype == out.dtype else query_nan.to(out.dtype)
+    return out + nan if out.requires_grad else out.add_(nan)
+
+
+def _fused_kernel(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float, scale: float
+) -> Tensor:
+    """``scaled_dot_product_attention`` on 4-D operands; causal alone in the kernel's own mode."""
+    if causal:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def attend_heads(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """:func:`attend`'s fused path (``scaled_dot``, no mask, no weights) without its checks, for
+    multi-head modules whose operands are right by construction.
+
+    The caller guarantees: (B, h, N, d) q, k, v of one floating dtype, from its own projections of
+    checked inputs, with unit stride in the last dim and one head width; N_q == N_k when
+    ``causal``; ``dropout_p`` in [0, 1). Every check, broadcast and re-layout of :func:`attend`
+    is skipped (about a third of a small call's time, on a GPU where small calls are launch-bound);
+    what it computes is the same, NaN queries included.
+    """
+    query_nan = _nan_carrier(q.detach())  # (B, h, N_q, 1)
+    out = _fused_kernel(q, k, v, None, causal, dropout_p, _default_scale("scaled_dot", q.shape[-1], None))
+    return _carry_nan(out, query_nan)
+
+
 def attend_with_weights(
     q: Tensor,
     k: Tensor,
@@ -340,7 +374,7 @@ def attend_with_weights(
     Example:
         >>> out, maps = attend_with_weights(q, k, v, mask=mask, return_weights=return_attn)
     """
-    if any(isinstance(t, fx.Proxy) for t in (q, k, v)):
+    if isinstance(q, fx.Proxy) or isinstance(k, fx.Proxy) or isinstance(v, fx.Proxy):
         # torch.fx symbolic tracing: the checks and shape logic below need concrete values, so the
         # whole call becomes one node of the graph (run for real when the graph runs)
         traced = _attend_node(
@@ -348,7 +382,7 @@ def attend_with_weights(
             return_weights=return_weights, w=w, w_q=w_q, w_k=w_k, v_a=v_a, b_a=b_a,
         )  # fmt: skip
         return Attended(traced[0], traced[1] if return_weights else None)
-    if autocast_enabled(q.device) and not q.dtype == k.dtype == v.dtype:
+    if not q.dtype == k.dtype == v.dtype and autocast_enabled(q.device):
         # under autocast, operands legitimately arrive in two precisions (a value kept in float32
         # beside autocast-produced queries): compute in the autocast dtype, as the matmuls would
         dtype = torch.get_autocast_dtype(q.device.type)
@@ -370,7 +404,8 @@ def attend_with_weights(
         q, k = _bilinear_query(q, k, score, w)
         # The fused kernels need a unit stride in the last dim; views of NCHW maps or transposed
         # features lack it, and SDPA then silently takes its quadratic-memory math path.
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # each a no-op where unit-stride
         fused_scale = _default_scale(score, q.shape[-1], scale)  # from the true width, before padding
         width_qk, width_v = q.shape[-1], v.shape[-1]
         # The flash kernels need one head width for q, k and v; with two, SDPA silently takes its
@@ -384,20 +419,11 @@ def attend_with_weights(
         mask = None if kernel_causal else merge_masks(mask, causal, n_q, n_k, q.device)
         lead = _lead_shape(q, k, v)
         q4, k4, v4, mask4 = _as_4d(q, k, v, mask, lead)
-        if kernel_causal:
-            out = F.scaled_dot_product_attention(
-                q4, k4, v4, dropout_p=dropout_p, is_causal=True, scale=fused_scale
-            )
-        else:
-            out = F.scaled_dot_product_attention(
-                q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=fused_scale
-            )
-        out = out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D) -> (..., N_q, D)
+        out = _fused_kernel(q4, k4, v4, mask4, kernel_causal, dropout_p, fused_scale)
+        if out.shape[:-2] != lead:
+            out = out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D) -> (..., N_q, D)
         out = out[..., :width_v] if v.shape[-1] != width_v else out
-        # in place where autograd records nothing: an out-of-place add would hold a second
-        # output-sized buffer at the call's memory peak (inference)
-        nan = query_nan if query_nan.dtype == out.dtype else query_nan.to(out.dtype)
-        return Attended(out + nan if out.requires_grad else out.add_(nan), None)
+        return Attended(_carry_nan(out, query_nan), None)
 
     weights = attention_weights(
         q,

@@ -58,7 +58,8 @@ def project_shared_input(x: Tensor, projections: tuple[nn.Module, ...], num_head
     of a 66 ms call, profiled). Stacking the weights copies them (sum E_i x D elements, 0.4-0.9 ms
     at d 512, mostly page faults of the fresh buffer), which costs more than it saves for few
     tokens (B 4, N 64: 8.4 against 7.6 ms): eager calls pack only from B N >= D tokens on, where
-    the copy is at most 1/D of the product's work. The results are views of the one
+    the copy is at most 1/D of the product's work, or where the stack is small (at most 2^14
+    weights: d <= 64 for q, k, v), where one call less outweighs the copy. The results are views of the one
     (B, N, sum E_i) buffer, the last dim contiguous, as the fused kernels need.
 
     Packed only when every projection is a plain ``nn.Linear`` without hooks (a wrapped, adapted or
@@ -72,14 +73,18 @@ def project_shared_input(x: Tensor, projections: tuple[nn.Module, ...], num_head
     plain = all(type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) for p in projections)
     biases = [getattr(p, "bias", None) for p in projections]
     one_bias_kind = all(b is None for b in biases) or all(b is not None for b in biases)
-    few_tokens = is_eager(x) and x.numel() < x.shape[-1] ** 2  # B N < D
-    if not plain or not one_bias_kind or few_tokens or isinstance(x, fx.Proxy) or len(projections) < 2:
+    if not plain or not one_bias_kind or isinstance(x, fx.Proxy) or len(projections) < 2:
         return tuple(split_heads(p(x), num_heads) for p in projections)
+    # B N < D and a stack of more than 2^14 weights; smaller stacks pack whatever the tokens (one
+    # product and two small copies cost less than three products: 25 against 60 us at d 32, N 1)
+    # (eager calls only: a comparison of a dynamic size would add a guard to a traced graph)
     linears: tuple[nn.Linear, ...] = projections  # type: ignore[assignment]
+    widths = [p.out_features for p in linears]
+    if is_eager(x) and x.numel() < x.shape[-1] ** 2 and x.shape[-1] * sum(widths) > 2**14:
+        return tuple(split_heads(p(x), num_heads) for p in projections)
     weight = torch.cat([p.weight for p in linears])  # (sum E_i, D)
     bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]  # (sum E_i,)
     packed = F.linear(x, weight, bias)  # (B, N, D) @ (D, sum E_i) -> (B, N, sum E_i)
-    widths = [p.out_features for p in linears]
     if len(set(widths)) == 1:
         # one view, one permute, one unbind instead of a split and a view and a transpose per part
         # (on a GPU, where small calls are launch-bound, each operator counts):
