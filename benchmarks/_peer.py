@@ -117,11 +117,20 @@ def preamble(repeats: int) -> str:
 
 
 def measure_pair(
-    ours: Callable[[], object], peer: Callable[[], object], *, warmup: int, repeats: int
+    ours: Callable[[], object],
+    peer: Callable[[], object],
+    *,
+    warmup: int,
+    repeats: int,
+    calls_per_repeat: int = 1,
 ) -> dict[str, float]:
-    """Times (median, min, max in ms) and peak memory (MiB) of both contenders."""
+    """Times (median, min, max in ms per call) and peak memory (MiB) of both contenders.
+
+    ``calls_per_repeat`` > 1 times that many calls in a row per repeat, for calls too short to
+    time one by one (the times are still per call; memory is one call's)."""
     device = torch.get_default_device()  # the CUDA figures need a synchronisation around each call
-    timing = compare_calls({"ours": ours, "peer": peer}, warmup=warmup, repeats=repeats, device=device)
+    timed = {"ours": _repeated(ours, calls_per_repeat), "peer": _repeated(peer, calls_per_repeat)}
+    timing = compare_calls(timed, warmup=warmup, repeats=repeats, device=device)
     # the smaller of two measurements each: the first profiled call of a process can count tens of
     # MiB more than every later one (split_attention training at (8, 256, 64^2): 256.4, then 221.8
     # MiB for both contenders, in either order)
@@ -132,9 +141,25 @@ def measure_pair(
     row: dict[str, float] = {}
     for name in ("ours", "peer"):
         t = timing[name]
-        row[f"{name}_ms"], row[f"{name}_lo"], row[f"{name}_hi"] = t.median * 1e3, t.low * 1e3, t.high * 1e3
+        per_call = 1e3 / calls_per_repeat
+        row[f"{name}_ms"], row[f"{name}_lo"], row[f"{name}_hi"] = (
+            t.median * per_call,
+            t.low * per_call,
+            t.high * per_call,
+        )
         row[f"{name}_mib"] = memory[name]
     return row
+
+
+def _repeated(fn: Callable[[], object], calls: int) -> Callable[[], object]:
+    if calls == 1:
+        return fn
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
 
 
 def format_row(module: str, peer: str, size: str, dtype: torch.dtype, label: str, r: dict[str, float]) -> str:

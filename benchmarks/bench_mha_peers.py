@@ -13,6 +13,8 @@ interleaved repeats (medians, min-max spread) and the peak of live tensor bytes 
    the heads merged by ``transpose(1, 2).reshape`` and the output Linear, with the same weights as
    ours (checked equal before timing). Where timm imports, its own ``Attention`` is timed instead,
    loaded with the same weights and checked equal to ours.
+   The per-call cost, where the arithmetic is negligible (B 1, N 4, d 32, h 4: Python and, on a
+   GPU, kernel launches), against timm's ``Attention`` and ``torch.nn.MultiheadAttention``.
 2. ``attention`` (score ``scaled_dot``) against keras's ``Attention`` layer as its torch backend
    runs it (reproduced: ``scores = q @ k^T * scale``, softmax, ``weights @ v``), training
    forward + backward, B = 8, d = 256, N = 512 and 2048, float32.
@@ -122,6 +124,38 @@ def mha_rows(lengths: list[int], dtypes: list[torch.dtype], repeats: int) -> lis
     return rows
 
 
+def small_call_rows(dtypes: list[torch.dtype], repeats: int) -> list[str]:
+    """The per-call cost, where the arithmetic is negligible: B 1, N 4, d 32, h 4, each repeat
+    timing 200 calls in a row. On a GPU a small call waits on Python and kernel launches; this
+    row measures them on either device."""
+    rows = []
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        ours = MultiheadAttention(32, 4).eval()
+        timm, timm_label = timm_attention(ours)
+        native = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+        with torch.no_grad():  # torch packs W^Q, W^K, W^V as the rows of in_proj_weight
+            native.in_proj_weight.copy_(timm.state_dict()["qkv.weight"])
+            native.in_proj_bias.copy_(timm.state_dict()["qkv.bias"])
+            native.out_proj.load_state_dict(ours.out_proj.state_dict())
+        ours, timm, native = ours.to(dtype), timm.eval().to(dtype), native.to(dtype)
+        x = torch.randn(1, 4, 32, dtype=dtype)
+        with torch.no_grad():
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(ours(x), timm(x), rtol=tol, atol=tol)
+            torch.testing.assert_close(ours(x), native(x, x, x, need_weights=False)[0], rtol=tol, atol=tol)
+        size = "B 1, N 4, d 32, h 4 (per call)"
+        for peer, label in (
+            (timm, timm_label),
+            (lambda x: native(x, x, x, need_weights=False), "torch MultiheadAttention"),
+        ):
+            result = measure_pair(
+                inference(ours, x), inference(peer, x), warmup=1, repeats=repeats, calls_per_repeat=200
+            )
+            rows.append(format_row("mha", label, size, dtype, "inference", result))
+    return rows
+
+
 def attention_rows(lengths: list[int], repeats: int) -> list[str]:
     rows = []
     b, d = 8, 256
@@ -161,6 +195,7 @@ def main() -> None:
         rows = mha_rows([1024], [torch.float32], repeats) + attention_rows([512], repeats)
     else:
         rows = mha_rows([256, 1024], [torch.float32, torch.bfloat16], repeats)
+        rows += small_call_rows([torch.float32, torch.bfloat16], repeats)
         rows += attention_rows([512, 2048], repeats)
     print("\n".join(rows))
 
