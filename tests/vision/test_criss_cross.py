@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -238,7 +239,7 @@ def test_row_blocks_cover_every_row_and_split_on_the_cpu_only():
 
     cpu = _row_blocks(1, 64, 64, torch.device("cpu"))
     assert len(cpu) == 8 and cpu[0][0] == 0 and cpu[-1][1] == 64
-    assert all(stop == start for (_, stop), (start, _) in zip(cpu, cpu[1:]))
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(cpu))
     for device in ("meta", "cuda"):
         assert _row_blocks(1, 64, 64, torch.device(device)) == [(0, 64)]
 
