@@ -327,7 +327,9 @@ PEERS: dict[str, tuple[str, Callable[[int], tuple[nn.Module, nn.Module]]]] = {
 
 
 def bench_peers(args) -> list[str]:
-    """cbam at C 64-256, 32x32 and 64x64; gc at C 64 and 256, 32x32 and 64x64; batch 8."""
+    """cbam at C 64-256, 32x32 and 64x64; gc at C 64 and 256, 32x32 and 64x64; batch 8. Then each
+    at (2, 16, 4, 4), where the arithmetic is negligible: the per-call cost (Python and, on a GPU,
+    kernel launches), 200 calls in a row per repeat."""
     batch = 2 if args.quick else 8
     cases = {
         "cbam": [(64, 32), (128, 32), (256, 32), (64, 64), (256, 64)],
@@ -338,31 +340,36 @@ def bench_peers(args) -> list[str]:
     rows = [preamble(args.repeats), "", HEADER]
     print("\n".join(rows), flush=True)
     for name, sizes in cases.items():
-        peer_name, make = PEERS[name]
         for channels, side in sizes:
-            for dtype in (torch.float32, torch.bfloat16):
-                torch.manual_seed(0)
-                ours, peer = (m.to(dtype) for m in make(channels))
-                x = torch.randn(batch, channels, side, side).to(dtype)
-                ours.eval(), peer.eval()
-                with torch.no_grad():
-                    tol = 1e-4 if dtype == torch.float32 else 5e-2
-                    torch.testing.assert_close(ours(x), peer(x), rtol=tol, atol=tol)
-                size = f"({batch}, {channels}, {side}, {side})"
-                r = measure_pair(
-                    inference(ours, x), inference(peer, x), warmup=args.warmup, repeats=args.repeats
-                )
-                rows.append(format_row(name, peer_name, size, dtype, "inference", r))
-                print(rows[-1], flush=True)
-                ours.train(), peer.train()
-                r = measure_pair(
-                    training(ours, list(ours.parameters()), x),
-                    training(peer, list(peer.parameters()), x),
-                    warmup=args.warmup,
-                    repeats=args.repeats,
-                )
-                rows.append(format_row(name, peer_name, size, dtype, "training", r))
-                print(rows[-1], flush=True)
+            rows += _peer_rows(name, (batch, channels, side, side), args)
+    for name in cases:
+        rows += _peer_rows(name, (2, 16, 4, 4), args, calls_per_repeat=200)
+    return rows
+
+
+def _peer_rows(name: str, shape: tuple[int, int, int, int], args, calls_per_repeat: int = 1) -> list[str]:
+    """Inference and training rows of one module against its peer at one input shape, both dtypes."""
+    peer_name, make = PEERS[name]
+    size = f"{shape}" + (" (per call)" if calls_per_repeat > 1 else "")
+    timing = {"warmup": args.warmup, "repeats": args.repeats, "calls_per_repeat": calls_per_repeat}
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        ours, peer = (m.to(dtype) for m in make(shape[1]))
+        x = torch.randn(*shape).to(dtype)
+        ours.eval(), peer.eval()
+        with torch.no_grad():
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(ours(x), peer(x), rtol=tol, atol=tol)
+        r = measure_pair(inference(ours, x), inference(peer, x), **timing)
+        rows.append(format_row(name, peer_name, size, dtype, "inference", r))
+        print(rows[-1], flush=True)
+        ours.train(), peer.train()
+        r = measure_pair(
+            training(ours, list(ours.parameters()), x), training(peer, list(peer.parameters()), x), **timing
+        )
+        rows.append(format_row(name, peer_name, size, dtype, "training", r))
+        print(rows[-1], flush=True)
     return rows
 
 
