@@ -340,6 +340,31 @@ def test_state_dict_round_trip_and_determinism(case: Case) -> None:
         assert_close(first(target(*inputs, **kwargs)), expected, rtol=0, atol=0)
 
 
+def test_a_no_op_hook_on_every_sub_layer_changes_nothing(case: Case) -> None:
+    """Sub-layers run as functions on their parameters where a module call would compute the same
+    (:func:`attnzoo.layers.call_layer`, mha's stacked projections): a hook makes each a module call
+    again, so with a no-op forward hook on every leaf sub-module the output must not change (bug
+    class: a shortcut that drops one of a layer's options). (criss_cross, feature_bank and
+    generalized_attention read some sub-layers' weights into products of their own: hooks on
+    those do not run.)"""
+    module, inputs, kwargs = case.build()
+    module.eval()
+    with torch.no_grad():
+        plain = first(module(*inputs, **kwargs))
+    handles = [
+        sub.register_forward_hook(lambda sub, args, out: None)
+        for name, sub in module.named_modules()
+        if name and not any(True for _ in sub.children())  # the leaves: Linear, Conv, norms, gates
+    ]
+    try:
+        with torch.no_grad():
+            hooked = first(module(*inputs, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert_close(hooked, plain)
+
+
 def _poisoned(x: Tensor, where: Tensor, value: float) -> Tensor:
     return torch.where(where.to(x.device), torch.full_like(x, value), x)
 

@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 
 from attnzoo._checks import check_input, check_mask
 from attnzoo._tracing import is_eager
+from attnzoo.layers import linear_parameters
 
 __all__ = [
     "check_heads",
@@ -70,20 +71,20 @@ def project_shared_input(x: Tensor, projections: tuple[nn.Module, ...], num_head
     Returns:
         One (B, h, N, E_i / h) tensor per projection.
     """
-    plain = all(type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) for p in projections)
-    biases = [getattr(p, "bias", None) for p in projections]
-    one_bias_kind = all(b is None for b in biases) or all(b is not None for b in biases)
-    if not plain or not one_bias_kind or isinstance(x, fx.Proxy) or len(projections) < 2:
+    parameters = None if isinstance(x, fx.Proxy) or len(projections) < 2 else linear_parameters(projections)
+    if parameters is None:
         return tuple(split_heads(p(x), num_heads) for p in projections)
+    weights, biases = parameters
+    widths = [w.shape[0] for w in weights]
     # B N < D and a stack of more than 2^14 weights; smaller stacks pack whatever the tokens (one
-    # product and two small copies cost less than three products: 25 against 60 us at d 32, N 1)
-    # (eager calls only: a comparison of a dynamic size would add a guard to a traced graph)
-    linears: tuple[nn.Linear, ...] = projections  # type: ignore[assignment]
-    widths = [p.out_features for p in linears]
-    if is_eager(x) and x.numel() < x.shape[-1] ** 2 and x.shape[-1] * sum(widths) > 2**14:
+    # product and two small copies cost less than three products: 25 against 60 us at d 32, N 1).
+    # The static size first: the token count is compared in eager calls only (a comparison of a
+    # dynamic size would add a guard to a traced graph)
+    width = x.shape[-1]
+    if width * sum(widths) > 2**14 and is_eager(x) and x.numel() < width**2:
         return tuple(split_heads(p(x), num_heads) for p in projections)
-    weight = torch.cat([p.weight for p in linears])  # (sum E_i, D)
-    bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]  # (sum E_i,)
+    weight = torch.cat(weights)  # (sum E_i, D)
+    bias = None if biases[0] is None else torch.cat(biases)  # (sum E_i,)
     packed = F.linear(x, weight, bias)  # (B, N, D) @ (D, sum E_i) -> (B, N, sum E_i)
     if len(set(widths)) == 1:
         # one view, one permute, one unbind instead of a split and a view and a transpose per part

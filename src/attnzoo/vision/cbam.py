@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_variant, parameter_dtype
 from attnzoo.functional.softmax import mean_of
-from attnzoo.layers import LayerSpec, NormLayer, create_layer, create_norm
+from attnzoo.layers import LayerSpec, NormLayer, call_layer, create_layer, create_norm
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision.squeeze_excite import Pool, SqueezeExcite, needs_grad
 
@@ -178,7 +178,7 @@ class SpatialAttention(nn.Module):
         else:
             max_map = x.amax(dim=1, keepdim=True)  # no indices to compute: ~6x faster
         maps = [max_map, mean_map] if self.variant == "official" else [mean_map, max_map]
-        return self.gate(self.norm(self.conv(torch.cat(maps, dim=1))))
+        return call_layer(self.gate, call_layer(self.norm, call_layer(self.conv, torch.cat(maps, dim=1))))
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         weights = self.attention(x)

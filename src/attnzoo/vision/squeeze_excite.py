@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import SPATIAL_LAYOUTS, check_input, check_positive, parameter_dtype
 from attnzoo.functional.softmax import mean_of
-from attnzoo.layers import LayerSpec, create_layer, reduced_width
+from attnzoo.layers import LayerSpec, call_layer, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["POOLS", "SqueezeExcite", "channel_descriptor", "needs_grad"]
@@ -143,7 +143,7 @@ class SqueezeExcite(nn.Module):
 
     def excite(self, z: Tensor) -> Tensor:
         """The logits before the gate, ``W2 delta(W1 z)`` (or ``W z`` for eSE), (..., C) -> (..., C)."""
-        return self.fc2(self.act(self.fc1(z)))
+        return call_layer(self.fc2, call_layer(self.act, call_layer(self.fc1, z)))
 
     def attention(self, x: Tensor) -> Tensor:
         """The gate s, shaped (B, C, 1, ...) to broadcast over x."""
@@ -156,7 +156,7 @@ class SqueezeExcite(nn.Module):
             logits = self.excite(0.5 * (channel_descriptor(x, "avg") + channel_descriptor(x, "max")))
         else:
             logits = self.excite(channel_descriptor(x, self.pool))  # (B, C)
-        weights = self.gate(logits)
+        weights = call_layer(self.gate, logits)
         return weights.view(*weights.shape, *([1] * (x.dim() - 2)))  # (B, C) -> (B, C, 1, ...)
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
