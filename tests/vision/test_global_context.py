@@ -195,3 +195,23 @@ def test_hand_written_pooling_backward_matches_autograd(layout, monkeypatch):
     assert calls  # the patched path ran: the first call went through the hand-written backward
     for e, g in zip(expected, grads):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inference_pools_without_casts_and_the_same_context(dtype):
+    """Without maps, alpha stays in x's dtype (the softmax kernel accumulates in float32 anyway):
+    no cast operators, and the output of the float32-alpha path that returns the maps."""
+    from attnzoo.testing import OpRecorder
+
+    torch.manual_seed(0)
+    gc = GlobalContext(16).eval()
+    randomize_(gc)
+    gc = gc.to(dtype)
+    x = torch.randn(2, 16, 9, 9).to(dtype)
+    with torch.no_grad(), OpRecorder() as recorder:
+        plain = gc(x)
+    assert not [name for name in recorder.names() if "_to_copy" in name]
+    with torch.no_grad():
+        out, maps = gc(x, return_attn=True)
+    assert maps["position"].dtype == torch.float32
+    torch.testing.assert_close(plain, out, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo._tracing import is_eager
 from attnzoo.functional.softmax import masked_softmax, mean_of
-from attnzoo.layers import LayerSpec, create_layer, reduced_width
+from attnzoo.layers import LayerSpec, call_layer, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["GlobalContext"]
@@ -25,16 +25,20 @@ Fusion = Literal["add", "scale", "scale_add"]
 FUSIONS: tuple[str, ...] = ("add", "scale", "scale_add")
 
 
-def _attention_pool(x: Tensor, key_weight: Tensor) -> tuple[Tensor, Tensor]:
+def _attention_pool(x: Tensor, key_weight: Tensor, *, float32_weights: bool = True) -> tuple[Tensor, Tensor]:
     """``sum_j alpha_j x_j`` with ``alpha = softmax_j(W_k x_j)``: (B, C) context, (B, HW) alpha.
 
-    alpha is in float32 for half-precision inputs (the softmax's dtype), the context in x's.
+    alpha is in float32 for half-precision inputs (the softmax's dtype; what the maps and the
+    softmax backward need), the context in x's. Without ``float32_weights``, alpha is in x's
+    dtype: the softmax kernels accumulate half-precision inputs in float32 (CPU and CUDA) and
+    alpha meets x in x's dtype, so the context is the same, without the two casts (two of the 13
+    operators of a small call).
     """
     flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
     # W_k x_j for every position, as a 1x1 conv: (B, C, H, W) -> (B, 1, H, W) -> (B, HW). NOTE: not
     # matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first
     logits = F.conv2d(x, key_weight[:, :, None, None]).flatten(1)
-    weights = masked_softmax(logits)
+    weights = masked_softmax(logits) if float32_weights else torch.softmax(logits, dim=-1)
     # (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (B, C)
     context = torch.matmul(flat, weights.to(x.dtype).unsqueeze(-1)).squeeze(-1)
     return context, weights
@@ -218,8 +222,9 @@ class GlobalContext(nn.Module):
             layers.append((self.scale_fc1, self.scale_norm, self.scale_fc2))
         return layers
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The context vector sum_j alpha_j x_j, (B, C), and the pooling weights alpha, (B, HW)."""
+    def pool(self, x: Tensor, *, maps: bool = True) -> tuple[Tensor, Tensor]:
+        """The context vector sum_j alpha_j x_j, (B, C), and the pooling weights alpha, (B, HW):
+        float32 for half-precision x where they are returned (``maps``) or differentiated."""
         if self.key is None:
             flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
             context = mean_of(flat, -1)
@@ -231,21 +236,27 @@ class GlobalContext(nn.Module):
             # the plain operators)
             context, weights = _AttentionPool.apply(x, self.key.weight)
             return context, weights
-        return _attention_pool(x, self.key.weight)
+        return _attention_pool(x, self.key.weight, float32_weights=maps or needs_grad)
 
     def transform(self, context: Tensor) -> Tensor:
         """W_v2 ReLU(LN(W_v1 c)), (B, C) -> (B, C) (for ``"scale_add"``: the added term)."""
-        return self.fc2(self.act(self.norm(self.fc1(context))))
+        return call_layer(
+            self.fc2, call_layer(self.act, call_layer(self.norm, call_layer(self.fc1, context)))
+        )
 
     def scale_transform(self, context: Tensor) -> Tensor:
         """The scale's own transform of ``"scale_add"``, (B, C) -> (B, C)."""
         assert self.scale_fc1 is not None and self.scale_norm is not None and self.scale_fc2 is not None
-        return self.scale_fc2(self.act(self.scale_norm(self.scale_fc1(context))))
+        return call_layer(
+            self.scale_fc2,
+            call_layer(self.act, call_layer(self.scale_norm, call_layer(self.scale_fc1, context))),
+        )
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
-        context, weights = self.pool(x)
-        term = self.transform(context)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        context, weights = self.pool(x, maps=return_attn)
+        batch, channels = context.shape
+        term = self.transform(context).view(batch, channels, 1, 1)  # (B, C) -> (B, C, 1, 1)
         maps = {}
         if self.fusion == "add":
             out = x + term
@@ -253,7 +264,7 @@ class GlobalContext(nn.Module):
             term = torch.sigmoid(term)
             out = x * term
         else:
-            gate = torch.sigmoid(self.scale_transform(context))[:, :, None, None]  # (B, C, 1, 1)
+            gate = torch.sigmoid(self.scale_transform(context)).view(batch, channels, 1, 1)
             out = torch.addcmul(term, x, gate)  # x * gate + term in one pass
             maps["gate"] = gate
         if return_attn:
