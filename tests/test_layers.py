@@ -3,6 +3,8 @@ could make them differ (hooks, a patched forward, a subclass, fx tracing) runs t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,15 @@ LAYERS = {
     "conv2d_same": (lambda: nn.Conv2d(4, 4, 3, padding="same", bias=False), (1, 4, 5, 6)),
     "conv2d_reflect": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (1, 4, 5, 5)),
     "conv3d": (lambda: nn.Conv3d(2, 3, 1), (1, 2, 3, 4, 5)),
+    "batch_norm1d_3d_input": (lambda: nn.BatchNorm1d(4, eps=1e-3).eval(), (2, 4, 5)),
+    "batch_norm2d": (lambda: nn.BatchNorm2d(4).eval(), (2, 4, 3, 3)),
+    "batch_norm2d_no_affine": (lambda: nn.BatchNorm2d(4, affine=False).eval(), (2, 4, 3, 3)),
+    "batch_norm2d_training": (lambda: nn.BatchNorm2d(4), (2, 4, 3, 3)),  # the module: batch statistics
+    "batch_norm2d_no_running_stats": (
+        lambda: nn.BatchNorm2d(4, track_running_stats=False).eval(),
+        (2, 4, 3, 3),
+    ),
+    "batch_norm3d": (lambda: nn.BatchNorm3d(2).eval(), (1, 2, 2, 3, 3)),
     "layer_norm": (lambda: nn.LayerNorm([4, 1, 1], eps=1e-3), (2, 4, 1, 1)),
     "layer_norm_no_affine": (lambda: nn.LayerNorm(6, elementwise_affine=False), (3, 6)),
     "relu": (lambda: nn.ReLU(), (3, 6)),
@@ -33,11 +44,19 @@ def test_the_call_equals_the_module_call(name: str) -> None:
     make, shape = LAYERS[name]
     layer = make()
     with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_()  # off the identity init of the norms
+        for t in (*layer.parameters(), *(b for b in layer.buffers() if b.is_floating_point())):
+            t.uniform_(0.5, 1.5)  # off the identity init of the norms (variances stay positive)
     x = torch.randn(shape)
-    expected = layer(x.clone())
+    twin = copy.deepcopy(layer)  # a training BatchNorm updates its statistics: one copy each
+    expected = twin(x.clone())
     torch.testing.assert_close(call_layer(layer, x.clone()), expected, rtol=0, atol=0)
+    for mine, theirs in zip(layer.buffers(), twin.buffers()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_a_batch_norm_of_the_wrong_rank_raises_its_own_error() -> None:
+    with pytest.raises(ValueError, match="expected 4D input"):
+        call_layer(nn.BatchNorm2d(4).eval(), torch.randn(2, 4, 3))
 
 
 def test_hooks_a_patched_forward_and_subclasses_run_the_module() -> None:

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
-from attnzoo.functional.softmax import compute_dtype, masked_softmax
 from attnzoo.layers import LayerSpec, call_layer, create_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._norm import NormSpec, check_batch_statistics, create_norm
@@ -155,7 +154,7 @@ class SplitAttention(nn.Module):
         check_input(x, "x", "B C H W", C=self.channels, dtype=parameter_dtype(self))
         check_batch_statistics(self.bn1, x, "the BatchNorm of the attention MLP G (bn1)")
         batch, radix, channels, card = x.shape[0], self.radix, self.out_channels, self.cardinality
-        feats = call_layer(self.act0, self.bn0(call_layer(self.conv, x)))  # (B, R*C, H', W')
+        feats = call_layer(self.act0, call_layer(self.bn0, call_layer(self.conv, x)))  # (B, R*C, H', W')
         height, width = feats.shape[-2:]
         splits = feats.view(batch, radix, channels, height, width)  # (B, R*C, H', W') -> (B, R, C, H', W')
         # GAP(sum_r U_r) as sums over (h, w), then over r, then a scale on the (B, C) result: no
@@ -164,17 +163,17 @@ class SplitAttention(nn.Module):
         # (r, h, w) makes a full-size float32 copy of half-precision input)
         pooled = splits.sum(dim=(3, 4)).sum(dim=1) * (1.0 / (height * width))  # (B, C)
         hidden = call_layer(
-            self.act1, self.bn1(call_layer(self.fc1, pooled.view(batch, channels, 1, 1)))
+            self.act1, call_layer(self.bn1, call_layer(self.fc1, pooled.view(batch, channels, 1, 1)))
         )  # (B, d, 1, 1)
         logits = call_layer(self.fc2, hidden)  # (B, R*C, 1, 1), cardinality-major
         # (B, R*C, 1, 1) -> (B, K, R, C/K): fc2's groups are the cardinal groups
         logits = logits.view(batch, card, radix, channels // card)
-        if radix > 1:
-            weights = masked_softmax(logits, dim=2)
-        else:
-            weights = torch.sigmoid(logits.to(compute_dtype(logits.dtype)))
+        # in x's dtype: the kernels compute half precision in float32 and round once, and the
+        # weights meet the splits (and are returned) in x's dtype, so a float32 result would only
+        # add two casts (softmax over R entries: no long sum to keep accurate)
+        weights = torch.softmax(logits, dim=2) if radix > 1 else torch.sigmoid(logits)
         # (B, K, R, C/K) -> (B, R, K, C/K) -> (B, R, C, 1, 1): split-major, like the conv output
-        weights = weights.to(x.dtype).transpose(1, 2).reshape(batch, radix, channels, 1, 1)
+        weights = weights.transpose(1, 2).reshape(batch, radix, channels, 1, 1)
         # sum_r a_r * U_r without a (B, R, C, H', W') product temporary; unbind, not indexing:
         # the backward stacks the R gradients into one buffer where each index would write its own
         # full-size zero-filled one
