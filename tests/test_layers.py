@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnzoo.layers import call_layer, linear_parameters
+from attnzoo.layers import call_layer, linear_parameters, plain_layer
 
 LAYERS = {
     "linear": (lambda: nn.Linear(6, 5), (3, 6)),
@@ -103,3 +103,14 @@ def test_linear_parameters_only_for_plain_linears_of_one_bias_kind() -> None:
     a.register_forward_hook(lambda *args: None)
     assert linear_parameters((a, b)) is None
     assert linear_parameters((nn.Identity(), b)) is None
+
+
+def test_plain_layer_is_the_class_itself_without_hooks() -> None:
+    conv = nn.Conv2d(2, 2, 1)
+    assert plain_layer(conv, nn.Conv2d) and not plain_layer(conv, nn.Conv1d)
+    assert not plain_layer(type("MyConv", (nn.Conv2d,), {})(2, 2, 1), nn.Conv2d)  # a subclass
+    handle = conv.register_forward_pre_hook(lambda *args: None)
+    assert not plain_layer(conv, nn.Conv2d)
+    handle.remove()
+    conv.forward = lambda x: x
+    assert not plain_layer(conv, nn.Conv2d)

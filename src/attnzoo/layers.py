@@ -20,6 +20,7 @@ __all__ = [
     "create_norm",
     "linear_parameters",
     "make_divisible",
+    "plain_layer",
     "reduced_width",
 ]
 
@@ -140,6 +141,13 @@ def _plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
+def plain_layer(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether ``module`` is exactly a ``kind`` (not a subclass) without hooks or a forward patched
+    onto the instance: then a product of one's own on its weights computes what calling it does.
+    Where this is False, call the module (its hooks must run: pruning, adapters, feature taps)."""
+    return type(module) is kind and _plain(module)
+
+
 def linear_parameters(modules: tuple[nn.Module, ...]) -> tuple[list[Tensor], list[Tensor | None]] | None:
     """The weights and biases of ``modules`` when each is a plain ``nn.Linear`` (the class itself,
     no hooks, no patched forward) and either all or none have a bias, so that ``F.linear`` on
@@ -150,7 +158,7 @@ def linear_parameters(modules: tuple[nn.Module, ...]) -> tuple[list[Tensor], lis
     its Python."""
     weights, biases, unbiased = [], [], 0
     for module in modules:
-        if type(module) is not nn.Linear or not _plain(module):
+        if not plain_layer(module, nn.Linear):
             return None
         params = module._parameters
         weights.append(params["weight"])

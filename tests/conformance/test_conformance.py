@@ -340,29 +340,55 @@ def test_state_dict_round_trip_and_determinism(case: Case) -> None:
         assert_close(first(target(*inputs, **kwargs)), expected, rtol=0, atol=0)
 
 
-def test_a_no_op_hook_on_every_sub_layer_changes_nothing(case: Case) -> None:
+#: Sub-layers whose weights a module reads into an operation of its own with no module-call
+#: fallback, so that their hooks do not run (each a kernel of its own: gc's attention pooling
+#: with its hand-written backward, glore's graph convolution, non_local's concatenation split
+#: into its two halves, san's position encoding of fixed offsets, dgmn's per-tap kernels).
+WEIGHTS_READ_DIRECTLY = {
+    "dgmn": {"rates.0.kernel", "rates.1.kernel", "rates.2.kernel", "rates.3.kernel"},
+    "gc": {"key"},
+    "glore": {"node_conv", "state_conv"},
+    "non_local": {"concat_project"},
+    "san": {"position"},
+}
+
+
+def test_a_no_op_hook_on_every_sub_layer_runs_and_changes_nothing(case: Case) -> None:
     """Sub-layers run as functions on their parameters where a module call would compute the same
-    (:func:`attnzoo.layers.call_layer`, mha's stacked projections): a hook makes each a module call
-    again, so with a no-op forward hook on every leaf sub-module the output must not change (bug
-    class: a shortcut that drops one of a layer's options). (criss_cross, feature_bank and
-    generalized_attention read some sub-layers' weights into products of their own: hooks on
-    those do not run.)"""
+    (:func:`attnzoo.layers.call_layer`; weights read into a product of the module's own, as mha's
+    stacked q, k, v and criss_cross's stacked 1x1 convs): a hook must make each a module call
+    again. With a no-op forward hook on every leaf sub-module the output must not change, and
+    every leaf whose parameters the output depends on must have run its hook (bug classes: a
+    shortcut that drops one of a layer's options; one that skips its hooks, and so pruning,
+    adapters and feature taps)."""
     module, inputs, kwargs = case.build()
     module.eval()
     with torch.no_grad():
         plain = first(module(*inputs, **kwargs))
-    handles = [
-        sub.register_forward_hook(lambda sub, args, out: None)
+    leaves = {
+        name: sub
         for name, sub in module.named_modules()
-        if name and not any(True for _ in sub.children())  # the leaves: Linear, Conv, norms, gates
+        if name and not any(True for _ in sub.children())  # Linear, Conv, norms, gates
+    }
+    called: set[str] = set()
+    handles = [
+        sub.register_forward_hook(lambda sub, args, out, name=name: called.add(name))
+        for name, sub in leaves.items()
     ]
     try:
-        with torch.no_grad():
-            hooked = first(module(*inputs, **kwargs))
+        module.zero_grad(set_to_none=True)
+        hooked = first(module(*inputs, **kwargs))
+        if hooked.requires_grad:  # else no parameter reaches the output
+            hooked.float().sum().backward()
     finally:
         for handle in handles:
             handle.remove()
-    assert_close(hooked, plain)
+    assert_close(hooked.detach(), plain)
+    used = {
+        name for name, sub in leaves.items() if any(p.grad is not None for p in sub.parameters(recurse=False))
+    }
+    skipped = used - called - WEIGHTS_READ_DIRECTLY.get(case.spec.name, set())
+    assert not skipped, f"{case.spec.name}: hooks skipped on {sorted(skipped)}"
 
 
 def _poisoned(x: Tensor, where: Tensor, value: float) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from attnzoo._checks import autocast_enabled, check_input, check_positive, parameter_dtype
 from attnzoo._tracing import is_eager
 from attnzoo.functional.softmax import compute_dtype
-from attnzoo.layers import reduced_width
+from attnzoo.layers import plain_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["CrissCrossAttention", "criss_cross_attention", "criss_cross_context"]
@@ -471,10 +471,18 @@ class CrissCrossAttention(nn.Module):
         which the criss-cross products read directly. The operands are laid out for the GEMM
         (positions contiguous in x's NCHW view, output channels contiguous in the weight): a
         bfloat16 1x1 convolution on NCHW runs 20x slower than this on CPUs without native
-        bfloat16, and float32 gains too (one GEMM instead of three).
+        bfloat16, and float32 gains too (one GEMM instead of three). A projection with hooks, or
+        replaced by another module, runs as itself (and then each of the three does).
         """
         batch, _, height, width = x.shape
         convs = (self.query_conv, self.key_conv, self.value_conv)
+        if not (
+            plain_layer(convs[0], nn.Conv2d)
+            and plain_layer(convs[1], nn.Conv2d)
+            and plain_layer(convs[2], nn.Conv2d)
+        ):
+            # a hooked or replaced projection runs as itself: (B, C_out, H, W) each
+            return convs[0](x), convs[1](x), convs[2](x)
         weight = torch.cat([conv.weight for conv in convs]).flatten(1)  # (2C' + C, C, 1, 1) -> (2C' + C, C)
         bias = torch.cat([conv.bias for conv in convs])  # (2C' + C,)
         # (B, C, H, W) -> (B, HW, C), a view; @ (C, 2C' + C) contiguous -> (B, HW, 2C' + C)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo.functional.attend import attend_with_weights
+from attnzoo.layers import plain_layer
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["GeneralizedAttention", "relative_position_embedding"]
@@ -207,10 +208,15 @@ class GeneralizedAttention(nn.Module):
             f"attention_type={self.attention_type!r}, kv_stride={self.kv_stride}"
         )
 
-    def _heads(self, tokens: Tensor, conv: nn.Conv2d) -> Tensor:
-        """1x1 conv on (B, N, C) tokens, split into heads: (B, M, N, d), unit stride in d."""
+    def _heads(self, source: Tensor, tokens: Tensor, conv: nn.Module) -> Tensor:
+        """The 1x1 conv of the (B, C, H, W) map ``source`` as a product on its (B, N, C)
+        ``tokens``, split into heads: (B, M, N, d), unit stride in d. A hooked or replaced conv
+        runs as itself on ``source``."""
         batch, length, _ = tokens.shape
-        projected = F.linear(tokens, conv.weight.flatten(1))  # (B, N, M d)
+        if plain_layer(conv, nn.Conv2d):
+            projected = F.linear(tokens, conv.weight.flatten(1), conv.bias)  # (B, N, M d)
+        else:
+            projected = conv(source).flatten(2).transpose(1, 2)  # (B, M d, H, W) -> (B, N, M d)
         # (B, N, M d) -> (B, N, M, d) -> (B, M, N, d)
         return projected.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
@@ -246,9 +252,9 @@ class GeneralizedAttention(nn.Module):
         hk, wk = x_kv.shape[-2], x_kv.shape[-1]
         tokens = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
         tokens_kv = x_kv.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C)
-        v = self._heads(tokens_kv, self.value_conv)  # (B, M, H'W', d)
-        q = self._heads(tokens, self.query_conv) if self.query_conv is not None else None
-        k = self._heads(tokens_kv, self.key_conv) if self.key_conv is not None else None
+        v = self._heads(x_kv, tokens_kv, self.value_conv)  # (B, M, H'W', d)
+        q = self._heads(x, tokens, self.query_conv) if self.query_conv is not None else None
+        k = self._heads(x_kv, tokens_kv, self.key_conv) if self.key_conv is not None else None
 
         if self.terms == (False, False, True, False):
             # key content only: one map shared by every query, computed once (as mmcv does)
@@ -302,7 +308,11 @@ class GeneralizedAttention(nn.Module):
 
         # (B, M, HW, d) -> (B, HW, M, d) -> (B, HW, M d)
         merged = context.transpose(1, 2).reshape(batch, h * w, heads * d)
-        projected = F.linear(merged, self.proj_conv.weight.flatten(1), self.proj_conv.bias)  # (B, HW, C)
-        # (B, HW, C) -> (B, C, HW) -> (B, C, H, W)
-        out = x + self.gamma * projected.transpose(1, 2).reshape(batch, self.channels, h, w)
+        if plain_layer(self.proj_conv, nn.Conv2d):
+            projected = F.linear(merged, self.proj_conv.weight.flatten(1), self.proj_conv.bias)  # (B, HW, C)
+            # (B, HW, C) -> (B, C, HW) -> (B, C, H, W)
+            projected = projected.transpose(1, 2).reshape(batch, self.channels, h, w)
+        else:  # hooked or replaced: as itself, on (B, HW, M d) -> (B, M d, HW) -> (B, M d, H, W)
+            projected = self.proj_conv(merged.transpose(1, 2).reshape(batch, heads * d, h, w))
+        out = x + self.gamma * projected
         return (out, weights) if return_attn else out
