@@ -321,7 +321,7 @@ class MultiheadAttention(nn.Module):
 
     def _well_formed(self, query: object) -> bool:
         """Whether ``query`` is a batch-first (B, N, E) tensor with N > 0 in the parameters' dtype:
-        one that passes every check of :func:`resolve_key_value` as query, key and value. Three
+        one that passes every check of :func:`resolve_key_value` as query, key and value. A few
         comparisons instead of the general check (about 10 us, which shows in small calls); any
         other input goes through that check and its messages."""
         return (
