@@ -215,3 +215,19 @@ def test_half_precision_inference_pools_without_casts_and_the_same_context(dtype
         out, maps = gc(x, return_attn=True)
     assert maps["position"].dtype == torch.float32
     torch.testing.assert_close(plain, out, rtol=0, atol=0)
+
+
+def test_training_allocates_no_gradient_for_the_unused_pooling_weights():
+    """The hand-written pooling backward gets None for alpha when nothing differentiates it (the
+    maps were not asked for), not a zero-filled (B, HW) gradient to allocate and add."""
+    from attnzoo.testing import OpRecorder
+
+    torch.manual_seed(0)
+    gc = GlobalContext(16).train()
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    out = gc(x)
+    with OpRecorder() as recorder:
+        out.sum().backward()
+    names = recorder.names()
+    assert not [name for name in names if "zeros" in name or "fill" in name], names
+    assert x.grad is not None and gc.key.weight.grad is not None

@@ -62,6 +62,9 @@ class _AttentionPool(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         context, weights = _attention_pool(x, key_weight)
         ctx.save_for_backward(x, key_weight, weights)
+        # an output nothing differentiates (alpha, unless the maps are trained on) gets None in the
+        # backward, not a zero-filled gradient to allocate and add
+        ctx.set_materialize_grads(False)
         return context, weights
 
     @staticmethod
