@@ -361,3 +361,117 @@ def test_three_dim_operands_make_no_copies_on_the_fused_path():
         got = attend(q, k, v, mask=m)
         expected = attend(q, k, v, mask=m, return_weights=True)[0]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- training steps that keep the weights (wide heads, short sequences) -------------------------
+
+
+def _einsum_attention(q, k, v, scale):
+    """softmax_j(q_i . k_j * scale) v_j from the equation, in float64."""
+    q, k, v = (t.double() for t in (q, k, v))
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.einsum("bhij,bhjd->bhid", weights, v)
+
+
+def _wide_operands(n_q=24, n_k=40, width=256, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    return tuple(
+        torch.randn(2, 2, n, width, generator=g, dtype=dtype).requires_grad_() for n in (n_q, n_k, n_k)
+    )
+
+
+@pytest.mark.parametrize("layout", ["4d", "3d"])
+def test_a_wide_short_training_step_keeps_the_weights_and_matches_the_equation(layout):
+    """Heads >= 256 wide over <= 512 positions: the step keeps P for the backward (four
+    products, no recompute of q k^T) instead of the fused kernel. Output and every gradient match
+    the float64 einsum reference; the backward forms exactly one (N_q, N_k) product, dO V^T."""
+    q, k, v = _wide_operands()
+    if layout == "3d":  # (B, N, D): one head per batch item
+        q, k, v = (t.detach()[:, 0].requires_grad_() for t in (q, k, v))
+    with OpRecorder() as forward:
+        out = attend(q, k, v)
+    assert not forward.ran("flash_attention") and "KeptWeights" in _autograd_nodes(out)
+    grad_out = torch.randn_like(out)
+    with OpRecorder() as backward:
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    products = [name for name, shapes in backward.calls if "mm" in name and shapes[0][-2:] == (24, 40)]
+    assert len(products) == 1, backward.names()
+
+    as4 = (lambda t: t) if layout == "4d" else (lambda t: t.unsqueeze(1))
+    q64, k64, v64 = (as4(t.detach()).double().requires_grad_() for t in (q, k, v))
+    expected = _einsum_attention(q64, k64, v64, 256**-0.5)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), as4(grad_out).double())
+    torch.testing.assert_close(as4(out).double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(as4(got).double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no grad", "width 128", "more than 512 keys", "mask", "causal", "dropout", "bfloat16"],
+)
+def test_every_other_step_keeps_the_fused_kernel(case):
+    """The weights are kept only where that is measured to pay (benchmarks/bench_kept_weights.py):
+    inference, narrower heads, longer sequences, masks, dropout and half precision stay fused."""
+    width = 128 if case == "width 128" else 256
+    n_k = 513 if case == "more than 512 keys" else 40
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    q, k, v = _wide_operands(n_q=40, n_k=n_k, width=width, dtype=dtype)
+    kwargs = {
+        "mask": {"mask": torch.ones(40, n_k, dtype=torch.bool).tril()},
+        "causal": {"causal": True},
+        "dropout": {"dropout_p": 0.1},
+    }.get(case, {})
+    with torch.set_grad_enabled(case != "no grad"), OpRecorder() as recorder:
+        out = attend(q, k, v, **kwargs)
+    assert "KeptWeights" not in _autograd_nodes(out)
+    # SDPA itself leaves the flash kernel for its math path with dropout on CPU
+    assert recorder.ran("flash_attention") or (case == "dropout" and q.device.type == "cpu")
+
+
+def _autograd_nodes(out):
+    """The names of every node of ``out``'s autograd graph, joined."""
+    names, stack = [], [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.append(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return " ".join(names)
+
+
+def test_kept_weights_gradcheck_and_double_backward():
+    """float64 gradcheck of the hand-written backward, and of its own gradient (create_graph: the
+    weights are formed again from q and k; the fused kernels have no double backward at all)."""
+    q, k, v = (t.detach()[:1, :1, :5].double().requires_grad_() for t in _wide_operands())
+    assert torch.autograd.gradcheck(lambda *t: attend(*t), (q, k, v), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda *t: attend(*t), (q, k, v), fast_mode=True)
+
+
+def test_kept_weights_under_torch_func_and_with_a_nan_query():
+    q, k, v = (t.detach().double() for t in _wide_operands())
+    grad_q = torch.func.grad(lambda q: attend(q, k, v).square().sum())(q)
+    q_ref = q.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(_einsum_attention(q_ref, k, v, 256**-0.5).square().sum(), q_ref)
+    torch.testing.assert_close(grad_q, expected)
+    # a NaN query reaches its own output row, and only that one
+    q_nan = q.clone().requires_grad_()
+    with torch.no_grad():
+        q_nan[0, 1, 3, 7] = float("nan")
+    out = attend(q_nan, k, v)
+    assert out.grad_fn is not None and out[0, 1, 3].isnan().all()
+    assert torch.isfinite(out[0, 1, [0, 1, 2, 4]]).all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.slow
+def test_kept_weights_compile_to_the_same_step():
+    q, k, v = _wide_operands()
+    compiled = torch.compile(lambda q, k, v: attend(q, k, v), fullgraph=True)
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    eager = attend(q, k, v)
+    torch.testing.assert_close(out, eager)
+    for got, want in zip(grads, torch.autograd.grad(eager.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)

@@ -23,8 +23,11 @@ concat     v_a^T tanh(W_a [q; k] + b_a)       ``w``: (A, D_q + D_k), ``v_a``: (A
 
 ``dot``, ``scaled_dot``, ``cosine`` and ``general`` are bilinear in (q, k), so when the weights are
 not requested they run through :func:`torch.nn.functional.scaled_dot_product_attention`, which
-never materialises the N_q x N_k matrix (the flash kernel on CPU and GPU). ``additive`` and
-``concat`` need the (N_q, N_k, A) tensor of their MLP and always take the explicit path.
+never materialises the N_q x N_k matrix (the flash kernel on CPU and GPU). One exception, for speed:
+an unmasked float32/float64 training step with heads at least 256 wide and at most 512 queries and
+keys keeps its weights for the backward rather than recomputing q k^T there (``_keeps_weights``;
+the kept matrix holds at most half of what autograd keeps of q, k, v and the output). ``additive``
+and ``concat`` need the (N_q, N_k, A) tensor of their MLP and always take the explicit path.
 
 Masks have one polarity everywhere: a boolean ``mask`` is True where a query may attend; a floating
 mask is added to the logits. A query whose every key is masked gets a zero output and zero
@@ -327,10 +330,113 @@ def _carry_nan(out: Tensor, query_nan: Tensor) -> Tensor:
     return out + nan if out.requires_grad else out.add_(nan)
 
 
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(softmax(q k^T * scale) v, the weights)`` as plain operators, on 4-D operands."""
+    # (B, h, N_q, D) @ (B, h, D, N_k) -> (B, h, N_q, N_k), scaled in place
+    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    weights = torch.softmax(logits, dim=-1)
+    return torch.matmul(weights, v), weights  # (B, h, N_q, N_k) @ (B, h, N_k, D) -> (B, h, N_q, D)
+
+
+class _KeptWeightsAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` on 4-D operands, keeping the weights P for the backward.
+
+    The fused kernels keep only the softmax's log-sum-exp and recompute ``q k^T`` in the
+    backward: five products per training step, against four here. Where the recompute costs more
+    than keeping the weights does (:func:`_keeps_weights`), this runs instead. Its backward is the
+    softmax's own, between the products of the scores' gradient::
+
+        dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(P * dP)) * scale,   dQ = dS K,   dK = dS^T Q
+
+    It holds P (B, h, N_q, N_k) and at most two buffers of that size in the backward, as autograd's
+    backward of the same operators does. Every step is a differentiable operator, and under
+    ``create_graph`` the weights are formed again from q and k (the kept ones are constants to
+    autograd), so double backward works (the fused kernels have none). ``generate_vmap_rule`` lets
+    ``torch.func`` transforms through.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        # (B, h, N_q, D) @ (B, h, D, N_k) -> (B, h, N_q, N_k), scaled in place
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        weights = torch.softmax(logits, dim=-1)
+        # (B, h, N_q, N_k) @ (B, h, N_k, D) -> (B, h, N_q, D); the weights are an output only so
+        # that setup_context can keep them (the way torch.func's Functions save intermediates)
+        return torch.matmul(weights, v), weights
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        q, k, v, scale = inputs
+        weights = output[1]
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)  # the weights get no gradient: None, not a zero buffer
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.scale = scale  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor | None, _grad_weights: None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        q, k, v, weights = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale: float = ctx.scale  # type: ignore[attr-defined]
+        needs_q, needs_k, needs_v = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        if grad_out is None:
+            return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: the weights as a differentiable function of q, k
+            weights = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1)
+        # (B, h, N_k, N_q) @ (B, h, N_q, D) -> (B, h, N_k, D)
+        grad_v = torch.matmul(weights.transpose(-2, -1), grad_out) if needs_v else None
+        grad_q = grad_k = None
+        if needs_q or needs_k:
+            # (B, h, N_q, D) @ (B, h, D, N_k) -> (B, h, N_q, N_k)
+            grad_weights = torch.matmul(grad_out, v.transpose(-2, -1))
+            # the softmax's backward in one pass, then the scale in place
+            grad_logits = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+            del grad_weights
+            grad_logits = grad_logits.mul_(scale)
+            # (B, h, N_q, N_k) @ (B, h, N_k, D) -> (B, h, N_q, D), and the transposed product for k
+            grad_q = torch.matmul(grad_logits, k) if needs_q else None
+            grad_k = torch.matmul(grad_logits.transpose(-2, -1), q) if needs_k else None
+        return grad_q, grad_k, grad_v, None
+
+
+def _keeps_weights(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Whether a training step of unmasked attention keeps its weights instead of running the
+    fused kernel: heads at least 256 wide, at most 512 queries and keys, float32 or float64, no
+    dropout.
+
+    The grid this comes from is ``benchmarks/bench_kept_weights.py`` (training steps against the
+    fused kernel, float32, 2-core AMD EPYC): keeping the weights takes 0.8-0.9x the fused kernel's
+    time with one head of d 256 from N 64 to 512, and with d 512 at N 128 and 512; at N 1024 it
+    took 1.15-1.3x (d 256) and 0.9-1.1x with twice the memory (d 512). With heads of 64 it is slower
+    at every length, with heads of 128 within noise. Within these bounds the kept weights (N_q N_k
+    per head, N_q N_k <= 256 (N_q + N_k) <= (N_q + N_k) D) hold at most half as much as autograd
+    keeps of q, k, v and the output (2 (N_q + N_k) D). Half precision keeps the fused kernel, which
+    forms its scores in float32 (this path would form them in the input's precision).
+    """
+    width = q.shape[-1]
+    return (
+        width >= 256
+        and q.shape[-2] <= 512
+        and k.shape[-2] <= 512
+        and v.shape[-1] == width
+        and dropout_p == 0.0
+        and q.dtype in (torch.float32, torch.float64)
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+
+
 def _fused_kernel(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float, scale: float
 ) -> Tensor:
-    """``scaled_dot_product_attention`` on 4-D operands; causal alone in the kernel's own mode."""
+    """``scaled_dot_product_attention`` on 4-D operands; causal alone in the kernel's own mode.
+    Unmasked training steps with wide heads and short sequences keep their weights instead
+    (:func:`_keeps_weights`)."""
+    if mask is None and not causal and _keeps_weights(q, k, v, dropout_p):
+        return _KeptWeightsAttention.apply(q, k, v, scale)[0]
     if causal:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
