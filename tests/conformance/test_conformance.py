@@ -341,15 +341,13 @@ def test_state_dict_round_trip_and_determinism(case: Case) -> None:
 
 
 #: Sub-layers whose weights a module reads into an operation of its own with no module-call
-#: fallback, so that their hooks do not run (each a kernel of its own: gc's attention pooling
-#: with its hand-written backward, glore's graph convolution, non_local's concatenation split
-#: into its two halves, san's position encoding of fixed offsets, dgmn's per-tap kernels).
+#: fallback, so that their hooks do not run: dgmn's ``kernel`` convs are the weights of a
+#: deformable convolution (each 3x3 tap's 1x1 kernel applied to features sampled at learned
+#: offsets), which no call of the conv itself computes. Every other module calls a hooked or
+#: replaced sub-layer as itself (gc's key, glore's graph convolutions, non_local's
+#: concat_project on every pair, san's position conv on the coordinate grid).
 WEIGHTS_READ_DIRECTLY = {
     "dgmn": {"rates.0.kernel", "rates.1.kernel", "rates.2.kernel", "rates.3.kernel"},
-    "gc": {"key"},
-    "glore": {"node_conv", "state_conv"},
-    "non_local": {"concat_project"},
-    "san": {"position"},
 }
 
 

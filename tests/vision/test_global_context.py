@@ -231,3 +231,59 @@ def test_training_allocates_no_gradient_for_the_unused_pooling_weights():
     names = recorder.names()
     assert not [name for name in names if "zeros" in name or "fill" in name], names
     assert x.grad is not None and gc.key.weight.grad is not None
+
+
+def test_a_hook_on_the_key_runs_and_changes_nothing():
+    """A hooked key runs as a module (bug: the pooling read ``key.weight`` directly and skipped the
+    hook), with the un-hooked output and gradients, in inference and in a training step."""
+    torch.manual_seed(5)
+    module = GlobalContext(16, dtype=F64)
+    randomise(module)
+    x = torch.randn(2, 16, 3, 5, dtype=F64)
+    params = (module.key.weight, module.fc1.weight)
+
+    def run():
+        module.eval()
+        with torch.no_grad():
+            out, maps = module(x, return_attn=True)
+        module.train()
+        x_grad = x.clone().requires_grad_()
+        grads = torch.autograd.grad(module(x_grad).square().sum(), (x_grad, *params))
+        return out, maps["position"], grads
+
+    expected_out, expected_position, expected_grads = run()
+    calls = []
+    handle = module.key.register_forward_hook(lambda layer, args, out: calls.append(out.shape))
+    out, position, grads = run()
+    handle.remove()
+    assert calls == [(2, 15, 1), (2, 15, 1)]  # eval and training each called the key on the positions
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(position, expected_position, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_pruning_the_key_takes_effect_on_every_call():
+    """``prune`` recomputes ``key.weight = weight_orig * mask`` in a forward pre-hook: the output
+    follows a later change to ``weight_orig`` (bug: the pooling read the stale ``key.weight``)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(6)
+    module = GlobalContext(16, dtype=F64).eval()
+    randomise(module)
+    x = torch.randn(2, 16, 4, 3, dtype=F64)
+    with torch.no_grad():
+        unpruned = module(x)
+    prune.l1_unstructured(module.key, "weight", amount=0.5)
+    with torch.no_grad():
+        module.key.weight_orig.mul_(-2.0)  # only the pre-hook carries this into key.weight
+        pruned = module(x)
+    reference = GlobalContext(16, dtype=F64).eval()
+    # all but the key (pruning renamed its weight key.weight_orig and added key.weight_mask)
+    others = {name: value for name, value in module.state_dict().items() if not name.startswith("key.")}
+    assert reference.load_state_dict(others, strict=False).missing_keys == ["key.weight"]
+    with torch.no_grad():
+        reference.key.weight.copy_(module.key.weight_orig * module.key.weight_mask)
+        expected = reference(x)
+    torch.testing.assert_close(pruned, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(pruned, unpruned, rtol=0, atol=1e-6)

@@ -1,12 +1,16 @@
 """glore: the unit in float64 from the paper's projection / GCN / reverse projection (official GCN
-form), identity at init, default widths, the 1/L normalisation, memory."""
+form), identity at init, default widths, the 1/L normalisation, memory, hooked and pruned graph
+convolutions."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 import attnzoo
+from attnzoo.functional import graph_reasoning
 from attnzoo.testing import OpRecorder, randomize_
 from attnzoo.vision.glore import GloRe
 
@@ -99,8 +103,93 @@ def test_no_position_by_position_buffer():
     assert rec.largest_storage < n * n // 8
 
 
+def test_hooks_on_the_graph_convolutions_run_and_change_nothing():
+    """A no-op forward hook on node_conv and on state_conv runs, in eval and in a training step,
+    and changes neither the output nor a gradient (bugs: the graph convolution read the convs'
+    weights and skipped their hooks; the module path convolved the wrong axis, V instead of V^T,
+    or dropped the identity, the bias or the ReLU)."""
+    torch.manual_seed(2)
+    plain = randomize_(GloRe(16), norm_statistics=True)
+    hooked = copy.deepcopy(plain)  # the training steps update the BatchNorm statistics: one copy each
+    x = torch.randn(2, 16, 3, 5)
+
+    def run(module: GloRe):
+        module.eval()
+        with torch.no_grad():
+            out = module(x)
+        module.train()
+        x_grad = x.clone().requires_grad_()
+        params = (
+            x_grad,
+            *module.node_conv.parameters(),
+            *module.state_conv.parameters(),
+            module.state.weight,
+        )
+        return out, torch.autograd.grad(module(x_grad).square().sum(), params)
+
+    expected_out, expected_grads = run(plain)
+    calls = []
+    for name in ("node_conv", "state_conv"):
+        hook = lambda layer, args, out, name=name: calls.append((name, tuple(args[0].shape)))  # noqa: E731
+        getattr(hooked, name).register_forward_hook(hook)
+    out, grads = run(hooked)
+    # both runs called the node conv on V^T, (B, N, S), and the state conv on (B, S, N)
+    assert calls == [("node_conv", (2, 4, 8)), ("state_conv", (2, 8, 4))] * 2
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(expected_grads) == 5
+    for g, e in zip(grads, expected_grads):
+        assert e.abs().sum() > 0  # every compared gradient is one the unit produces
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_pruning_the_node_conv_takes_effect_on_every_call():
+    """``prune`` recomputes ``node_conv.weight = weight_orig * mask`` in a forward pre-hook: the
+    output follows a later change to ``weight_orig`` as a plain unit with that weight does (bug:
+    the graph convolution read the stale ``node_conv.weight``)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(3)
+    module = randomize_(GloRe(16), norm_statistics=True).eval()
+    reference = copy.deepcopy(module)
+    x = torch.randn(2, 16, 4, 3)
+    prune.l1_unstructured(module.node_conv, "weight", amount=0.5)
+    with torch.no_grad():
+        before = module(x)
+        module.node_conv.weight_orig.mul_(-2.0)  # only the pre-hook carries this into node_conv.weight
+        pruned = module(x)
+        reference.node_conv.weight.copy_(module.node_conv.weight_orig * module.node_conv.weight_mask)
+        expected = reference(x)
+    assert (module.node_conv.weight_mask == 0).sum() == 8  # half of the 4 x 4 adjacency is pruned
+    torch.testing.assert_close(pruned, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(pruned, before, rtol=0, atol=1e-6)  # the change reached the output
+
+
+def test_a_hooked_unit_runs_in_half_precision():
+    """With hooked graph convolutions in bfloat16 the node features, summed over the positions in
+    float32, are passed in the layers' dtype, and the output is the float64 unit's to bfloat16
+    precision (bug: the float32 node features met the bfloat16 convs, a dtype error)."""
+    torch.manual_seed(4)
+    module = randomize_(GloRe(16, normalize=True), norm_statistics=True).eval()
+    x = torch.randn(2, 16, 6, 6)
+    expected = module(x)  # float64
+    half = copy.deepcopy(module).to(torch.bfloat16)
+    half.node_conv.register_forward_hook(lambda layer, args, out: None)
+    half.state_conv.register_forward_pre_hook(lambda layer, args: None)
+    out = half(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    # bfloat16 keeps 8 bits: every entry within 2% of the largest (the fast path's error is 0.6%)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=0.02 * expected.abs().max().item())
+
+
 def test_registered_and_errors():
     spec = attnzoo.get_spec("glore")
     assert spec.family == "non_local" and spec.placement == "stage" and spec.map_kind == "spatial"
     with pytest.raises(ValueError, match="num_nodes"):
         GloRe(16, num_nodes=0)
+    # each graph-convolution step given once: as a weight or as a layer, never both or neither
+    state, projection = torch.randn(1, 8, 5), torch.randn(1, 4, 5)
+    node_conv, state_conv = torch.nn.Conv1d(4, 4, 1), torch.nn.Conv1d(8, 8, 1, bias=False)
+    with pytest.raises(ValueError, match="node_weight and node_layer"):
+        graph_reasoning(state, projection, state_layer=state_conv)
+    with pytest.raises(ValueError, match="node_weight and node_layer"):
+        graph_reasoning(state, projection, torch.eye(4), None, node_layer=node_conv, state_layer=state_conv)

@@ -3,11 +3,13 @@ sub-sampling, identity at init, and the fused / associative / sorted paths (no N
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 
 import pytest
 import torch
+from torch.nn.utils import prune
 
 import attnzoo
 from attnzoo.testing import OpRecorder, randomize_
@@ -167,6 +169,86 @@ def test_concatenation_sorted_path_has_the_explicit_gradients() -> None:
         torch.testing.assert_close(fused, explicit, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("sub_sample", [False, True])
+def test_a_hook_on_concat_project_runs_and_changes_nothing(sub_sample: bool) -> None:
+    """A no-op forward hook on ``concat_project`` runs, in eval and in a training step, and the
+    output, maps and gradients equal the un-hooked module's (bugs: the split-weight fast path reads
+    ``concat_project.weight`` itself and skips the layer's hooks, so adapters and feature taps on
+    it never run; the by-module fallback drops the ReLU, the 1/N' or the pooled keys)."""
+    torch.manual_seed(9)
+    plain = perturbed(NonLocalBlock(8, pairwise="concatenation", sub_sample=sub_sample, dtype=F64))
+    hooked = copy.deepcopy(plain)
+    pair_shapes = []
+    hooked.concat_project.register_forward_hook(lambda layer, args, out: pair_shapes.append(args[0].shape))
+    x = torch.randn(2, 8, 6, 6, dtype=F64)
+    n_keys = 9 if sub_sample else 36
+    with torch.no_grad():
+        expected, expected_maps = plain(x, return_attn=True)
+        torch.testing.assert_close(hooked(x), expected, rtol=1e-10, atol=1e-10)
+        out, maps = hooked(x, return_attn=True)
+    # the hook saw every pair [theta_i; phi_j]: (B, N, N', 2C') with C' = 4
+    assert pair_shapes == [torch.Size([2, 36, n_keys, 8])] * 2
+    assert (expected_maps == 0).any() and (expected_maps > 0).any()  # the ReLU cuts some pairs
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-10, atol=1e-10)
+
+    weights = torch.randn(x.shape, dtype=F64)
+    grads = []
+    for module in (plain.train(), hooked.train()):  # batch statistics
+        xi = x.clone().requires_grad_()
+        (module(xi) * weights).sum().backward()
+        grads.append({"x": xi.grad, **{name: p.grad for name, p in module.named_parameters()}})
+    assert len(pair_shapes) == 3
+    assert grads[0]["concat_project.weight"].abs().sum() > 0
+    for name, expected_grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected_grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_pruning_concat_project_takes_effect() -> None:
+    """``prune.l1_unstructured`` on ``concat_project`` keeps ``weight_orig`` and a mask, and a
+    forward pre-hook recomputes ``weight = weight_orig * mask`` on every call: an in-place change
+    of ``weight_orig`` changes the output exactly as a plain layer with that masked weight (bug:
+    the fast path read the ``weight`` attribute left by the last call, so the pruned block kept
+    computing with a stale weight)."""
+    torch.manual_seed(10)
+    pruned = perturbed(NonLocalBlock(8, pairwise="concatenation", sub_sample=True, dtype=F64))
+    plain = copy.deepcopy(pruned)
+    prune.l1_unstructured(pruned.concat_project, "weight", amount=0.5)
+    layer = pruned.concat_project
+    assert int(layer.weight_mask.sum()) == layer.weight_mask.numel() // 2  # 4 of the 2C' = 8 cut
+    x = torch.randn(2, 8, 6, 6, dtype=F64)
+    with torch.no_grad():
+        before = pruned(x)
+        layer.weight_orig.copy_(torch.randn_like(layer.weight_orig))
+        out, maps = pruned(x, return_attn=True)
+        plain.concat_project.weight.copy_(layer.weight_orig * layer.weight_mask)
+        expected, expected_maps = plain(x, return_attn=True)
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-10, atol=1e-10)
+        plain.concat_project.weight.copy_(layer.weight_orig)
+        unmasked = plain(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, before)  # the new weight_orig was used
+    assert not torch.allclose(out, unmasked)  # and the mask too
+
+
+def test_a_biased_concat_project_keeps_its_bias_on_the_fast_path() -> None:
+    """A plain ``nn.Linear(2C', 1)`` with a bias put in place of ``concat_project`` (built without
+    one) is still a plain layer, read by the fast path: its bias must count there as it does when
+    the layer is called on the pairs (bug: the split weight dropped the bias)."""
+    torch.manual_seed(12)
+    plain = perturbed(NonLocalBlock(8, pairwise="concatenation", dtype=F64))
+    plain.concat_project = torch.nn.Linear(8, 1, dtype=F64)
+    torch.nn.init.constant_(plain.concat_project.bias, 0.7)
+    hooked = copy.deepcopy(plain)
+    hooked.concat_project.register_forward_hook(lambda layer, args, out: None)
+    x = torch.randn(2, 8, 5, 5, dtype=F64)
+    with torch.no_grad():
+        for return_attn in (False, True):
+            expected = hooked(x, return_attn=return_attn)
+            torch.testing.assert_close(plain(x, return_attn=return_attn), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_relu_pair_sum_is_exact_with_ties_and_signs() -> None:
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3, 17, generator=g, dtype=F64)
@@ -228,6 +310,27 @@ def test_bfloat16_agrees_with_float64(pairwise: str) -> None:
         half = module(x.bfloat16())
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
     assert relative_error(half, expected) < 3e-2
+
+
+def test_hooked_concat_project_keeps_the_half_precision_handling() -> None:
+    """With a hook on ``concat_project`` in bfloat16 the layer runs in bfloat16 and the ReLU, 1/N'
+    and sum over keys in float32, as on the fast path: the same maps dtype and an output close to
+    float64 (bugs: float32 pairs fed to the bfloat16 layer fail; bfloat16 maps or sums)."""
+    torch.manual_seed(11)
+    plain = perturbed(NonLocalBlock(16, pairwise="concatenation", sub_sample=True))
+    hooked = copy.deepcopy(plain)
+    hooked.concat_project.register_forward_hook(lambda layer, args, out: None)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        expected = plain.double()(x.double())
+        plain.bfloat16()
+        hooked.bfloat16()
+        out, maps = hooked(x.bfloat16(), return_attn=True)
+        fast_maps = plain(x.bfloat16(), return_attn=True)[1]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert maps.dtype == fast_maps.dtype == torch.float32
+    assert relative_error(out, expected) < 3e-2
+    assert relative_error(maps, fast_maps.double()) < 3e-2
 
 
 def test_bad_arguments_and_inputs() -> None:

@@ -3,6 +3,8 @@ the official kernels' semantics (reflection padding, interleaved channel sharing
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +180,79 @@ def test_stride_reads_the_strided_centres() -> None:
         out = strided(x)
     assert out.shape == (2, 16, 3, 4)
     torch.testing.assert_close(out, full[..., ::2, ::2])
+
+
+def train_step(module: SANAttention, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward: the output and every parameter's gradient."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out.square().sum().backward()
+    return out.detach(), {name: p.grad for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_hook_on_the_position_conv_runs_and_changes_nothing(stride: int) -> None:
+    """A hooked W_p runs as a module, as the official ``conv_p``: on the (1, 2, H, W) coordinate
+    grid, in eval and in training, with the same output and gradients as the plain module's (bug:
+    W_p's weight read into a product of the layer's own, so the hook, and with it pruning,
+    weight norm and feature taps, never ran)."""
+    plain, x = build(kernel_size=3, stride=stride)
+    hooked = copy.deepcopy(plain)
+    seen = []
+    hooked.position.register_forward_hook(lambda conv, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        expected = plain(x)
+        out = hooked(x)
+    assert seen == [(1, 2, 6, 7)]  # the whole map's coordinates, before the stride and the differences
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    expected_out, expected_grads = train_step(plain, x)
+    out, grads = train_step(hooked, x)
+    assert len(seen) == 2
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    assert grads["position.weight"] is not None
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_pruning_the_position_conv_takes_effect_on_every_call() -> None:
+    """``prune`` recomputes ``position.weight = weight_orig * mask`` in a forward pre-hook: the
+    output follows a later change to ``weight_orig`` exactly as a plain module given that weight
+    (bug: the position term read the stale ``position.weight`` of the pruning call)."""
+    from torch.nn.utils import prune
+
+    module, x = build(kernel_size=3)
+    with torch.no_grad():
+        unpruned = module(x)
+    prune.l1_unstructured(module.position, "weight", amount=0.5)
+    assert int(module.position.weight_mask.sum()) == 2  # two of W_p's four entries kept
+    with torch.no_grad():
+        module.position.weight_orig.mul_(-2.0)  # only the pre-hook carries this into position.weight
+        pruned = module(x)
+    reference, _ = build(kernel_size=3)
+    with torch.no_grad():
+        reference.position.weight.copy_(module.position.weight_orig * module.position.weight_mask)
+        expected = reference(x)
+    torch.testing.assert_close(pruned, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(pruned, unpruned, rtol=0, atol=1e-6)
+
+
+def test_a_biased_position_conv_gives_the_same_output_hooked_or_not() -> None:
+    """The official ``conv_p`` has a bias, which cancels in ``W_p p_i - W_p p_j``: the fast path
+    reads no bias, so a hooked biased conv must run before the differences, as officially (bug:
+    applying the hooked conv to the offsets added its bias to every offset)."""
+    module, x = build(kernel_size=3)
+    weight = module.position.weight.detach().clone()
+    module.position = torch.nn.Conv2d(2, 2, 1)  # official conv_p: still a plain nn.Conv2d
+    with torch.no_grad():
+        module.position.weight.copy_(weight)
+        module.position.bias.copy_(torch.tensor([0.7, -1.3]))
+        plain = module(x)
+        expected, _ = reference(module, x)  # no bias anywhere
+        module.position.register_forward_hook(lambda conv, args, out: None)
+        hooked = module(x)
+    torch.testing.assert_close(plain, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hooked, plain, rtol=1e-12, atol=1e-12)
 
 
 def test_values_are_never_unfolded() -> None:

@@ -8,6 +8,7 @@ affinity, an N x N Laplacian) are applied by associativity, never formed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,13 @@ def double_attention(
 def graph_reasoning(
     state: Tensor,
     projection: Tensor,
-    node_weight: Tensor,
-    node_bias: Tensor | None,
-    state_weight: Tensor,
+    node_weight: Tensor | None = None,
+    node_bias: Tensor | None = None,
+    state_weight: Tensor | None = None,
     *,
     normalize: bool = False,
+    node_layer: Callable[[Tensor], Tensor] | None = None,
+    state_layer: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """GloRe's project -> graph convolution -> reverse-project, O(L (S + N) + N^2 S + S^2 N).
 
@@ -72,17 +75,32 @@ def graph_reasoning(
     (the node-wise adjacency A_g with its bias, the identity, ReLU, then the state update W_g),
     ``Y = Z B`` with the SAME projection B.
 
+    Each of the two graph-convolution steps is given either as a weight, applied as a product, or
+    as a layer called on the node features (a module: its hooks run, so pruning, adapters and
+    feature taps see it), as the official code calls its two ``Conv1d``.
+
     Args:
         state: (B, S, L) reduced features at the L positions.
         projection: B, (B, N, L) projection weights of every position onto every node.
-        node_weight: A_g, (N, N).
-        node_bias: (N,) or None.
-        state_weight: W_g, (S, S).
+        node_weight: A_g, (N, N); or None with ``node_layer``.
+        node_bias: (N,) or None, added after the node step (a ``node_layer`` has its own).
+        state_weight: W_g, (S, S); or None with ``state_layer``.
         normalize: divide the node features by L (keeps them of order 1 whatever the input size).
+        node_layer: instead of ``node_weight``, the node-wise convolution over the node axis,
+            e.g. ``nn.Conv1d(N, N, 1)``: (B, N, S) -> (B, N, S), called in the dtype of ``state``.
+        state_layer: instead of ``state_weight``, the state update, e.g.
+            ``nn.Conv1d(S, S, 1, bias=False)``: (B, S, N) -> (B, S, N), in the dtype of ``state``.
 
     Returns:
-        Y, (B, S, L) in the dtype of ``state``.
+        Y, (B, S, L) in the dtype of ``state``. The sums over positions, the products with the
+        weights, the identity and the ReLU run in float32 for half-precision inputs; a layer gets
+        the node features cast to the dtype of ``state`` and computes in its own parameters'.
     """
+    if (node_weight is None) == (node_layer is None) or (state_weight is None) == (state_layer is None):
+        raise ValueError(
+            "graph_reasoning: expected one of node_weight and node_layer, and one of state_weight "
+            "and state_layer"
+        )
     dtype = compute_dtype(state.dtype)
     state_c, projection_c = state.to(dtype), projection.to(dtype)
     # (B, S, L) @ (B, L, N) -> (B, S, N): a sum over every position, in float32 for half inputs
@@ -90,11 +108,20 @@ def graph_reasoning(
     if normalize:
         nodes = nodes / state.shape[-1]
     # node-wise graph convolution: h[s, i] = sum_j A_g[i, j] v[s, j] + b_i + v[s, i]
-    hidden = nodes @ node_weight.to(dtype).t() + nodes
+    if node_layer is None:
+        hidden = nodes @ node_weight.to(dtype).t() + nodes  # type: ignore[union-attr]
+    else:
+        # the layer convolves along the nodes, as the official code's conv1 on V^T, in the dtype its
+        # parameters have (that of state): (B, S, N) -> (B, N, S) -> layer -> (B, S, N)
+        hidden = node_layer(nodes.to(state.dtype).transpose(1, 2)).transpose(1, 2).to(dtype) + nodes
     if node_bias is not None:
         hidden = hidden + node_bias.to(dtype)
-    # state update: (S, S) @ (B, S, N) -> (B, S, N)
-    reasoned = state_weight.to(dtype) @ torch.relu(hidden)
+    if state_layer is None:
+        # state update: (S, S) @ (B, S, N) -> (B, S, N)
+        reasoned = state_weight.to(dtype) @ torch.relu(hidden)  # type: ignore[union-attr]
+    else:
+        # the layer mixes the states: (B, S, N) -> (B, S, N), in its parameters' dtype
+        reasoned = state_layer(torch.relu(hidden).to(state.dtype)).to(dtype)
     return (reasoned @ projection_c).to(state.dtype)  # (B, S, N) @ (B, N, L) -> (B, S, L)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo._tracing import is_eager
 from attnzoo.functional.softmax import masked_softmax, mean_of
-from attnzoo.layers import LayerSpec, call_layer, create_layer, reduced_width
+from attnzoo.layers import LayerSpec, call_layer, create_layer, plain_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["GlobalContext"]
@@ -25,7 +25,13 @@ Fusion = Literal["add", "scale", "scale_add"]
 FUSIONS: tuple[str, ...] = ("add", "scale", "scale_add")
 
 
-def _attention_pool(x: Tensor, key_weight: Tensor, *, float32_weights: bool = True) -> tuple[Tensor, Tensor]:
+def _attention_pool(
+    x: Tensor,
+    key_weight: Tensor | None,
+    *,
+    logits: Tensor | None = None,
+    float32_weights: bool = True,
+) -> tuple[Tensor, Tensor]:
     """``sum_j alpha_j x_j`` with ``alpha = softmax_j(W_k x_j)``: (B, C) context, (B, HW) alpha.
 
     alpha is in float32 for half-precision inputs (the softmax's dtype; what the maps and the
@@ -33,11 +39,15 @@ def _attention_pool(x: Tensor, key_weight: Tensor, *, float32_weights: bool = Tr
     dtype: the softmax kernels accumulate half-precision inputs in float32 (CPU and CUDA) and
     alpha meets x in x's dtype, so the context is the same, without the two casts (two of the 13
     operators of a small call).
+
+    ``logits``, the (B, HW) ``W_k x_j`` computed by the caller (a key layer called as a module, so
+    that its hooks run), replace the product on ``key_weight``, which is then unused.
     """
     flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
-    # W_k x_j for every position, as a 1x1 conv: (B, C, H, W) -> (B, 1, H, W) -> (B, HW). NOTE: not
-    # matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first
-    logits = F.conv2d(x, key_weight[:, :, None, None]).flatten(1)
+    if logits is None:
+        # W_k x_j for every position, as a 1x1 conv: (B, C, H, W) -> (B, 1, H, W) -> (B, HW). NOTE:
+        # not matmul(W_k, flat), which folds to one (B*HW, C) product and copies a transposed x first
+        logits = F.conv2d(x, key_weight[:, :, None, None]).flatten(1)  # type: ignore[index]
     weights = masked_softmax(logits) if float32_weights else torch.softmax(logits, dim=-1)
     # (B, C, HW) @ (B, HW, 1) -> (B, C, 1) -> (B, C)
     context = torch.matmul(flat, weights.to(x.dtype).unsqueeze(-1)).squeeze(-1)
@@ -227,12 +237,22 @@ class GlobalContext(nn.Module):
 
     def pool(self, x: Tensor, *, maps: bool = True) -> tuple[Tensor, Tensor]:
         """The context vector sum_j alpha_j x_j, (B, C), and the pooling weights alpha, (B, HW):
-        float32 for half-precision x where they are returned (``maps``) or differentiated."""
+        float32 for half-precision x where they are returned (``maps``) or differentiated. A key
+        with hooks, or replaced by another module, runs as itself on the (B, HW, C) positions."""
         if self.key is None:
             flat = x.flatten(2)  # (B, C, H, W) -> (B, C, HW)
             context = mean_of(flat, -1)
             weights = torch.full_like(flat[:, 0], 1.0 / flat.shape[-1])  # (B, HW), uniform
             return context, weights
+        if not plain_layer(self.key, nn.Linear):
+            # a hooked or replaced key runs as itself (pruning's pre-hook recomputes its weight, an
+            # adapter changes its output), and the pooling on plain autograd operators, which
+            # differentiate whatever it computed: (B, C, H, W) -> (B, C, HW) -> (B, HW, C), a view
+            positions = x.flatten(2).transpose(1, 2)
+            logits = self.key(positions).squeeze(-1)  # (B, HW, 1) -> (B, HW)
+            # float32 alpha where it is differentiated, as below; the key's own parameters may not
+            # be a ``weight``, but whatever needs a gradient reaches the logits
+            return _attention_pool(x, None, logits=logits, float32_weights=maps or logits.requires_grad)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.key.weight.requires_grad)
         if needs_grad and is_eager(x):
             # eager training: the hand-written backward (traced, compiled and exported graphs see

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo.functional.global_reasoning import graph_reasoning
-from attnzoo.layers import NormLayer, reduced_width
+from attnzoo.layers import NormLayer, plain_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import SPATIAL_LAYOUTS
 from attnzoo.vision._token_norm import apply_token_norm, create_token_norm, zero_init_last_norm
@@ -132,14 +132,26 @@ class GloRe(nn.Module):
         check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels, dtype=parameter_dtype(self))
         flat = x.flatten(2)  # (B, C, *S) -> (B, C, L)
         projection = self.projection(flat)  # (B, N, L)
-        reasoned = graph_reasoning(
-            self.state(flat),
-            projection,
-            self.node_conv.weight[..., 0],  # (N, N, 1) -> (N, N)
-            self.node_conv.bias,
-            self.state_conv.weight[..., 0],  # (S, S, 1) -> (S, S)
-            normalize=self.normalize,
-        )
+        state = self.state(flat)  # (B, S, L)
+        if plain_layer(self.node_conv, nn.Conv1d) and plain_layer(self.state_conv, nn.Conv1d):
+            reasoned = graph_reasoning(
+                state,
+                projection,
+                self.node_conv.weight[..., 0],  # (N, N, 1) -> (N, N)
+                self.node_conv.bias,
+                self.state_conv.weight[..., 0],  # (S, S, 1) -> (S, S)
+                normalize=self.normalize,
+            )
+        else:
+            # a hooked or replaced graph convolution runs as itself (pruning's pre-hook recomputes
+            # its weight, an adapter or a feature tap sees its call), as in the official code
+            reasoned = graph_reasoning(
+                state,
+                projection,
+                normalize=self.normalize,
+                node_layer=self.node_conv,
+                state_layer=self.state_conv,
+            )
         out = x + apply_token_norm(self.norm, self.extend(reasoned)).view_as(x)  # (B, C, L) -> (B, C, *S)
         if return_attn:
             return out, projection.unflatten(2, x.shape[2:])  # (B, N, L) -> (B, N, *S)

@@ -10,7 +10,9 @@ None of the four pairwise functions materialises the N x N matrix unless the map
 - concatenation: ``f_ij = ReLU(w^T [theta_i; phi_j]) = ReLU(a_i + b_j)`` with scalars
   ``a_i = w_theta . theta_i`` and ``b_j = w_phi . phi_j``; so
   ``sum_j f_ij g_j = a_i * sum_{j: b_j > -a_i} g_j + sum_{j: b_j > -a_i} b_j g_j``, two prefix sums
-  over the keys sorted by b: exact, O(N log N) time and O(N C') memory.
+  over the keys sorted by b: exact, O(N log N) time and O(N C') memory. A ``concat_project``
+  with hooks (pruning, adapters) or replaced by another module is called on every pair instead,
+  as the official code does: its hooks run, at O(N^2 C') memory.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_input, check_positive, parameter_dtype
 from attnzoo.functional.attend import attend_with_weights
 from attnzoo.functional.softmax import compute_dtype
-from attnzoo.layers import NormLayer, reduced_width
+from attnzoo.layers import NormLayer, plain_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import (
     SPATIAL_LAYOUTS,
@@ -248,14 +250,49 @@ class NonLocalBlock(nn.Module):
             return (q @ context).to(value.dtype), None
 
         assert self.concat_project is not None
-        w = self.concat_project.weight.to(dtype)  # (1, 2C'): [w_theta, w_phi]
-        a = F.linear(q, w[:, : self.inner]).squeeze(-1)  # (B, N, 1) -> (B, N)
-        b = F.linear(k, w[:, self.inner :]).squeeze(-1)  # (B, N', 1) -> (B, N')
-        if return_attn:
+        if plain_layer(self.concat_project, nn.Linear):
+            w = self.concat_project.weight.to(dtype)  # (1, 2C'): [w_theta, w_phi]
+            bias = self.concat_project.bias  # None as built; a replacement Linear may have one
+            bias = None if bias is None else bias.to(dtype)
+            a = F.linear(q, w[:, : self.inner], bias).squeeze(-1)  # (B, N, 1) -> (B, N)
+            b = F.linear(k, w[:, self.inner :]).squeeze(-1)  # (B, N', 1) -> (B, N')
+            if not return_attn:
+                return (relu_pair_sum(a, b, v) / n_keys).to(value.dtype), None
             # (B, N, 1) + (B, 1, N') -> (B, N, N'): every pair, only when the maps are asked for
-            maps = torch.relu(a.unsqueeze(-1) + b.unsqueeze(-2)) / n_keys
-            return (maps @ v).to(value.dtype), maps
-        return (relu_pair_sum(a, b, v) / n_keys).to(value.dtype), None
+            scores = a.unsqueeze(-1) + b.unsqueeze(-2)
+        else:
+            # hooks (pruning, weight norm, adapters, taps) or a replaced layer: call it on the pairs
+            scores = self._concatenation_scores_by_module(query, key).to(dtype)  # (B, N, N')
+        maps = torch.relu(scores) / n_keys
+        return (maps @ v).to(value.dtype), (maps if return_attn else None)
+
+    def _concatenation_scores_by_module(self, query: Tensor, key: Tensor) -> Tensor:
+        """``w^T [theta_i; phi_j]`` for every pair, by calling ``concat_project`` on the pairs.
+
+        The fallback for a ``concat_project`` that is not a plain ``nn.Linear``: its hooks run
+        (``torch.nn.utils.prune`` recomputes the weight from ``weight_orig * mask`` in a pre-hook,
+        which the fast path's read of ``.weight`` would skip). It forms the pairs as the official
+        code does, a (B, N, N', 2C') tensor: quadratic memory, acceptable only on this fallback.
+        The layer runs in its parameters' dtype (the inputs'; it may not accept float32 inputs in
+        half precision), and the caller casts the scores up for the ReLU, 1/N and sum over keys.
+
+        Args:
+            query: (B, N, C') theta.
+            key: (B, N', C') phi (pooled with ``sub_sample``).
+
+        Returns:
+            (B, N, N') the scores before the ReLU, in the layer's output dtype.
+        """
+        n_queries, n_keys = query.shape[1], key.shape[1]
+        pairs = torch.cat(
+            [
+                query.unsqueeze(2).expand(-1, -1, n_keys, -1),  # (B, N, C') -> (B, N, N', C'): theta_i
+                key.unsqueeze(1).expand(-1, n_queries, -1, -1),  # (B, N', C') -> (B, N, N', C'): phi_j
+            ],
+            dim=-1,
+        )  # (B, N, N', 2C'): [theta_i; phi_j]
+        assert self.concat_project is not None
+        return self.concat_project(pairs).squeeze(-1)  # (B, N, N', 1) -> (B, N, N')
 
     def forward(self, x: Tensor, *, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         check_input(x, "x", SPATIAL_LAYOUTS, C=self.channels, dtype=parameter_dtype(self))

@@ -25,7 +25,7 @@ from attnzoo.functional.local_window import (
     window_stack,
 )
 from attnzoo.functional.softmax import masked_softmax
-from attnzoo.layers import reduced_width
+from attnzoo.layers import plain_layer, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._norm import NormSpec, create_norm
 
@@ -50,15 +50,30 @@ def san_position_offsets(
     read with the same reflection padding as the features (a tap beyond the border takes the
     mirrored pixel's coordinate, as ``Subtraction(pad_mode=1)`` does).
     """
+    grid = _coordinate_grid(height, width, device=device, dtype=dtype)  # (1, 2, H, W)
+    return _footprint_differences(grid, kernel_size, stride)
+
+
+def _coordinate_grid(
+    height: int, width: int, *, device: torch.device | str | None, dtype: torch.dtype | None
+) -> Tensor:
+    """The official ``position(H, W)``: (1, 2, H, W), channel 0 the x coordinate, channel 1 the y
+    coordinate, each ``linspace(-1, 1, size)`` over the map."""
     step_x = 2.0 / max(width - 1, 1)
     step_y = 2.0 / max(height - 1, 1)
     xs = torch.arange(width, device=device, dtype=dtype) * step_x - 1.0  # (W,)
     ys = torch.arange(height, device=device, dtype=dtype) * step_y - 1.0  # (H,)
-    # (1, 2, H, W): channel 0 the x coordinate, channel 1 the y coordinate (official order)
-    grid = torch.stack([xs.expand(height, width), ys.unsqueeze(1).expand(height, width)]).unsqueeze(0)
-    centre = grid[..., ::stride, ::stride].unsqueeze(2)  # (1, 2, 1, H', W')
-    neighbours = window_stack(grid, kernel_size, stride=stride, padding_mode="reflect")  # (1, 2, k^2, H', W')
-    return (centre - neighbours)[0]  # (2, k^2, H', W')
+    return torch.stack([xs.expand(height, width), ys.unsqueeze(1).expand(height, width)]).unsqueeze(0)
+
+
+def _footprint_differences(field: Tensor, kernel_size: int, stride: int) -> Tensor:
+    """``f_i - f_j`` of a (1, C, H, W) field for every output pixel i and footprint tap j:
+    (C, k^2, H', W'), the neighbours read with reflection padding (official ``Subtraction``)."""
+    centre = field[..., ::stride, ::stride].unsqueeze(2)  # (1, C, 1, H', W')
+    neighbours = window_stack(
+        field, kernel_size, stride=stride, padding_mode="reflect"
+    )  # (1, C, k^2, H', W')
+    return (centre - neighbours)[0]  # (C, k^2, H', W')
 
 
 @register(
@@ -208,6 +223,28 @@ class SANAttention(nn.Module):
                 nn.Conv2d(weight_channels, taps * weight_channels, 1, **factory),
             )
 
+    def _position_term(self, x: Tensor) -> Tensor:
+        """``W_p (p_i - p_j)`` for every output pixel i of ``x`` (B, C, H, W) and footprint tap j:
+        (2, k^2, H', W').
+
+        A plain ``position`` conv is read as its 2 x 2 weight applied to the offsets. Any other
+        (hooked: pruning, weight or spectral normalisation, adapters, feature taps; or replaced)
+        runs as itself where the official code calls ``conv_p``: on the (1, 2, H, W) coordinate
+        grid, before the differences. W_p is linear, so both give W_p p_i - W_p p_j; and a bias
+        (the official ``conv_p`` has one) cancels in the difference, as the fast path, which reads
+        no bias, assumes.
+        """
+        k, s = self.kernel_size, self.stride
+        height, width = x.shape[2], x.shape[3]
+        if plain_layer(self.position, nn.Conv2d):
+            offsets = san_position_offsets(
+                height, width, k, stride=s, device=x.device, dtype=x.dtype
+            )  # (2, k^2, H', W')
+            # W_p (p_i - p_j): (2, 2) x (2, k^2, H', W') -> (2, k^2, H', W')
+            return torch.einsum("oi,i...->o...", self.position.weight.flatten(1), offsets)
+        grid = _coordinate_grid(height, width, device=x.device, dtype=x.dtype)  # (1, 2, H, W)
+        return _footprint_differences(self.position(grid), k, s)  # (1, 2, H, W) -> (2, k^2, H', W')
+
     def _weights(self, x: Tensor) -> Tensor:
         """The footprint weights, (B, C_out / s, k^2, H', W')."""
         k, s = self.kernel_size, self.stride
@@ -216,11 +253,7 @@ class SANAttention(nn.Module):
         keys = window_stack(self.key(x), k, stride=s, padding_mode="reflect")  # (B, r, k^2, H', W')
         if self.mode == "pairwise":
             relation = query.unsqueeze(2) - keys  # (B, r, 1, H', W') - (B, r, k^2, H', W')
-            offsets = san_position_offsets(
-                x.shape[2], x.shape[3], k, stride=s, device=x.device, dtype=x.dtype
-            )  # (2, k^2, H', W')
-            # W_p (p_i - p_j): (2, 2) x (2, k^2, H', W') -> (2, k^2, H', W')
-            position = torch.einsum("oi,i...->o...", self.position.weight.flatten(1), offsets)
+            position = self._position_term(x)  # (2, k^2, H', W')
             features = torch.cat([relation, position.unsqueeze(0).expand(batch, -1, -1, -1, -1)], dim=1)
             # (B, r + 2, k^2, H', W') -> (B, r + 2, k^2, H' W'): the official layout for gamma
             logits = self.weight_mlp(features.flatten(3))  # (B, C_out / s, k^2, H' W')
