@@ -340,17 +340,6 @@ def test_state_dict_round_trip_and_determinism(case: Case) -> None:
         assert_close(first(target(*inputs, **kwargs)), expected, rtol=0, atol=0)
 
 
-#: Sub-layers whose weights a module reads into an operation of its own with no module-call
-#: fallback, so that their hooks do not run: dgmn's ``kernel`` convs are the weights of a
-#: deformable convolution (each 3x3 tap's 1x1 kernel applied to features sampled at learned
-#: offsets), which no call of the conv itself computes. Every other module calls a hooked or
-#: replaced sub-layer as itself (gc's key, glore's graph convolutions, non_local's
-#: concat_project on every pair, san's position conv on the coordinate grid).
-WEIGHTS_READ_DIRECTLY = {
-    "dgmn": {"rates.0.kernel", "rates.1.kernel", "rates.2.kernel", "rates.3.kernel"},
-}
-
-
 def test_a_no_op_hook_on_every_sub_layer_runs_and_changes_nothing(case: Case) -> None:
     """Sub-layers run as functions on their parameters where a module call would compute the same
     (:func:`attnzoo.layers.call_layer`; weights read into a product of the module's own, as mha's
@@ -385,7 +374,7 @@ def test_a_no_op_hook_on_every_sub_layer_runs_and_changes_nothing(case: Case) ->
     used = {
         name for name, sub in leaves.items() if any(p.grad is not None for p in sub.parameters(recurse=False))
     }
-    skipped = used - called - WEIGHTS_READ_DIRECTLY.get(case.spec.name, set())
+    skipped = used - called
     assert not skipped, f"{case.spec.name}: hooks skipped on {sorted(skipped)}"
 
 

@@ -115,6 +115,30 @@ def test_fourth_branch_reads_its_own_affinity_channels():
     assert not torch.allclose(maps_p["dilation_12"], maps_o["dilation_12"])
 
 
+def test_pruning_a_deformable_kernel_takes_effect_on_every_call():
+    """``prune.l1_unstructured`` on a rate's deformable kernel recomputes ``weight`` from
+    ``weight_orig * mask`` in a forward pre-hook: an in-place change of ``weight_orig`` must change
+    the output as a plain module with that masked weight would (bug: the kernel's weight was read
+    straight into the tap convolutions, its pre-hook never ran, and the pruned module computed
+    with the weight left from pruning time)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(4)
+    pruned = randomize_(DynamicGraphMessagePassing(8, groups=2))
+    plain = DynamicGraphMessagePassing(8, groups=2)
+    plain.load_state_dict(pruned.state_dict())
+    prune.l1_unstructured(pruned.rates[1].kernel, "weight", amount=0.5)
+    kernel = pruned.rates[1].kernel
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        before = pruned(x)
+        kernel.weight_orig.mul_(-2.0)
+        out = pruned(x)
+        plain.rates[1].kernel.weight.copy_(kernel.weight_orig * kernel.weight_mask)
+    torch.testing.assert_close(out, plain(x).detach())
+    assert not torch.allclose(out, before)
+
+
 def test_defaults_gamma_and_offsets():
     module = DynamicGraphMessagePassing(64)
     assert module.groups == 4 and module.dilations == (1, 4, 8, 12)

@@ -7,7 +7,8 @@ https://arxiv.org/abs/1908.06955. Official code: lzrobots/dgmn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -25,6 +26,37 @@ Variant = Literal["paper", "official"]
 _TAPS = 9  # a 3 x 3 neighbourhood
 
 
+class _DeformableTaps(nn.Module):
+    """A 3x3 deformable convolution without bias: ``sum_k W[:, :, k] s_k`` over the 9 taps'
+    samples s_k (each (B, C, H, W), read at a learned offset), W of shape (C_out, C, 3, 3).
+
+    Not an ``nn.Conv2d``, which would convolve the regular grid, yet with its weight's name, shape
+    and initialisation (so a checkpoint's ``kernel.weight`` loads as it would into one): the module
+    is called on every forward, so that its hooks run (``torch.nn.utils.prune`` recomputes the
+    weight in a pre-hook; adapters and feature taps hang on forward hooks). It takes the sampler
+    (tap index -> samples), not the samples: the 9 taps are taken one at a time, never all held.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, factory: dict) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (3, 3)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's initialisation
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bias=False"
+
+    def forward(self, sample_tap: Callable[[int], Tensor]) -> Tensor:
+        # (C_out, C, 3, 3) -> 9 x (C_out, C, 1, 1): the 1x1 kernel of each tap, row-major
+        tap_kernels = self.weight.flatten(2).unbind(2)
+        return sum(
+            F.conv2d(sample_tap(k), tap_kernel[..., None, None]) for k, tap_kernel in enumerate(tap_kernels)
+        )  # (B, C_out, H, W)
+
+
 class _Dilation(nn.Module):
     """The parameters of one sampling rate: offsets, the deformable filter/affinity conv, gamma."""
 
@@ -36,7 +68,7 @@ class _Dilation(nn.Module):
             channels, 2 * _TAPS, 3, padding=dilation, dilation=dilation, bias=False, **factory
         )
         # a deformable 3x3 conv (applied on the offset samples) -> G*9 filter logits + 9 affinity logits
-        self.kernel = nn.Conv2d(channels, groups * _TAPS + _TAPS, 3, bias=False, **factory)
+        self.kernel = _DeformableTaps(channels, groups * _TAPS + _TAPS, factory)
         self.gamma = nn.Parameter(torch.ones(1, **factory))
 
 
@@ -142,13 +174,8 @@ class DynamicGraphMessagePassing(nn.Module):
         # backward would zero-fill a buffer of the whole tensor of its own.
         # (B, 18, H, W) -> (B, 9, 2, H, W) -> 9 x (B, 2, H, W): each tap's (dy, dx)
         tap_offsets = offsets.unflatten(1, (_TAPS, 2)).unbind(1)
-        # (G*9 + 9, C, 3, 3) -> 9 x (G*9 + 9, C, 1, 1): the 1x1 kernel of each tap, row-major
-        tap_kernels = rate.kernel.weight.flatten(2).unbind(2)
-        # deformable conv: sum over the taps of a 1x1 conv of each tap's samples
-        logits = sum(
-            F.conv2d(deformed_tap(x, tap_offsets[k], rate.dilation, k), tap_kernels[k][..., None, None])
-            for k in range(_TAPS)
-        )  # (B, G*9 + 9, H, W)
+        # deformable conv: sum over the taps of a 1x1 conv of each tap's samples, (B, G*9 + 9, H, W)
+        logits = rate.kernel(lambda k: deformed_tap(x, tap_offsets[k], rate.dilation, k))
         n_filters = self.groups * _TAPS
         filter_logits, own_affinity_logits = logits.split([n_filters, _TAPS], 1)
         filters = filter_logits.unflatten(1, (self.groups, _TAPS))  # (B, G, 9, H, W)
