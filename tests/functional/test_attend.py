@@ -450,19 +450,21 @@ def test_kept_weights_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(lambda *t: attend(*t), (q, k, v), fast_mode=True)
 
 
-def test_kept_weights_under_torch_func_and_with_a_nan_query():
+def test_kept_weights_under_torch_func_and_with_a_non_finite_query():
     q, k, v = (t.detach().double() for t in _wide_operands())
     grad_q = torch.func.grad(lambda q: attend(q, k, v).square().sum())(q)
     q_ref = q.clone().requires_grad_()
     (expected,) = torch.autograd.grad(_einsum_attention(q_ref, k, v, 256**-0.5).square().sum(), q_ref)
     torch.testing.assert_close(grad_q, expected)
-    # a NaN query reaches its own output row, and only that one
-    q_nan = q.clone().requires_grad_()
-    with torch.no_grad():
-        q_nan[0, 1, 3, 7] = float("nan")
-    out = attend(q_nan, k, v)
-    assert out.grad_fn is not None and out[0, 1, 3].isnan().all()
-    assert torch.isfinite(out[0, 1, [0, 1, 2, 4]]).all() and torch.isfinite(out[1]).all()
+    # a NaN or Inf query reaches its own output row, and only that one: this path has no carrier,
+    # the row's logits are NaN or +-Inf and so is its softmax
+    for value in (float("nan"), float("inf"), -float("inf")):
+        q_bad = q.clone().requires_grad_()
+        with torch.no_grad():
+            q_bad[0, 1, 3, 7] = value
+        out = attend(q_bad, k, v)
+        assert "KeptWeights" in _autograd_nodes(out) and out[0, 1, 3].isnan().all(), value
+        assert torch.isfinite(out[0, 1, [0, 1, 2, 4]]).all() and torch.isfinite(out[1]).all()
 
 
 @pytest.mark.slow

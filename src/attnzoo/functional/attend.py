@@ -434,12 +434,18 @@ def _fused_kernel(
 ) -> Tensor:
     """``scaled_dot_product_attention`` on 4-D operands; causal alone in the kernel's own mode.
     Unmasked training steps with wide heads and short sequences keep their weights instead
-    (:func:`_keeps_weights`)."""
+    (:func:`_keeps_weights`). A NaN or Inf query gives a NaN output row either way."""
     if mask is None and not causal and _keeps_weights(q, k, v, dropout_p):
+        # an Inf or NaN in q_i makes every logit of row i NaN or +-Inf, and its softmax NaN: the
+        # row carries it without the carrier's out-of-place add (an output-sized buffer a step)
         return _KeptWeightsAttention.apply(q, k, v, scale)[0]
+    # the fused kernels turn a NaN score row into zeros (or finite values, for an Inf query)
+    query_nan = _nan_carrier(q.detach())  # (B, h, N_q, 1)
     if causal:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return _carry_nan(out, query_nan)
 
 
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0) -> Tensor:
@@ -452,9 +458,7 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropo
     is skipped (about a third of a small call's time, on a GPU where small calls are launch-bound);
     what it computes is the same, NaN queries included.
     """
-    query_nan = _nan_carrier(q.detach())  # (B, h, N_q, 1)
-    out = _fused_kernel(q, k, v, None, causal, dropout_p, _default_scale("scaled_dot", q.shape[-1], None))
-    return _carry_nan(out, query_nan)
+    return _fused_kernel(q, k, v, None, causal, dropout_p, _default_scale("scaled_dot", q.shape[-1], None))
 
 
 def attend_with_weights(
@@ -501,11 +505,8 @@ def attend_with_weights(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
     # A NaN (or Inf) query must reach its output on both paths: the fused kernels turn a NaN score
-    # row into zeros, and the explicit path zeroes a fully masked row whatever its query holds.
-    # Detached: s - s is constant in q wherever it is finite, and its backward (a q-sized expand and
-    # add into q's gradient) would cost 0.8 of 80 ms a training step at B 8, N 512, d 256.
-    query_nan = _nan_carrier(q.detach())  # (..., N_q, 1)
-
+    # row into zeros (_fused_kernel carries it past them), and the explicit path below zeroes a
+    # fully masked row whatever its query holds.
     if score in FUSABLE_SCORES and not return_weights:
         q, k = _bilinear_query(q, k, score, w)
         # The fused kernels need a unit stride in the last dim; views of NCHW maps or transposed
@@ -529,8 +530,11 @@ def attend_with_weights(
         if out.shape[:-2] != lead:
             out = out.reshape(*lead, n_q, v.shape[-1])  # (B', H', N_q, D) -> (..., N_q, D)
         out = out[..., :width_v] if v.shape[-1] != width_v else out
-        return Attended(_carry_nan(out, query_nan), None)
+        return Attended(out, None)
 
+    # Detached: s - s is constant in q wherever it is finite, and its backward (a q-sized expand and
+    # add into q's gradient) would cost 0.8 of 80 ms a training step at B 8, N 512, d 256.
+    query_nan = _nan_carrier(q.detach())  # (..., N_q, 1)
     weights = attention_weights(
         q,
         k,
