@@ -467,6 +467,21 @@ def test_kept_weights_under_torch_func_and_with_a_non_finite_query():
         assert torch.isfinite(out[0, 1, [0, 1, 2, 4]]).all() and torch.isfinite(out[1]).all()
 
 
+def test_an_exported_graph_keeps_the_fused_kernel_whatever_the_grad_mode():
+    """torch.export traces with gradients enabled by default: the kept-weights path (a training
+    step's trade) must not end up in a graph exported for deployment."""
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attend(q, k, v)
+
+    q, k, v = _wide_operands()
+    program = torch.export.export(Attend(), (q, k, v))
+    targets = " ".join(str(node.target) for node in program.graph.nodes)
+    assert "scaled_dot_product" in targets and "softmax" not in targets, targets
+    torch.testing.assert_close(program.module()(q, k, v), attend(q, k, v))
+
+
 @pytest.mark.slow
 def test_kept_weights_compile_to_the_same_step():
     q, k, v = _wide_operands()

@@ -405,7 +405,8 @@ class _KeptWeightsAttention(torch.autograd.Function):
 def _keeps_weights(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     """Whether a training step of unmasked attention keeps its weights instead of running the
     fused kernel: heads at least 256 wide, at most 512 queries and keys, float32 or float64, no
-    dropout.
+    dropout, and not while ``torch.export`` traces (an exported graph is for deployment: it keeps
+    the fused kernel whatever grad mode it was traced in).
 
     The grid this comes from is ``benchmarks/bench_kept_weights.py`` (training steps against the
     fused kernel, float32, 2-core AMD EPYC): keeping the weights takes 0.8-0.9x the fused kernel's
@@ -426,6 +427,8 @@ def _keeps_weights(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
         and q.dtype in (torch.float32, torch.float64)
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
+        # an exported graph is for deployment, whatever the grad mode it was traced in: the kernel
+        and not torch.compiler.is_exporting()
     )
 
 
