@@ -56,6 +56,7 @@ step split_attention_peers peers.txt 40 \
     "$py" benchmarks/bench_selective.py --peers --device "$device" --repeats 10
 step graph_peers peers.txt 40 "$py" benchmarks/bench_graph_attention.py --peers --device "$device" --repeats 10
 step mha_peers peers.txt 50 "$py" benchmarks/bench_mha_peers.py --device "$device" --repeats 10
+step kept_weights peers.txt 30 "$py" benchmarks/bench_kept_weights.py --quick --device "$device" --repeats 10
 step bench bench.txt 80 \
     "$py" -m attnzoo bench --device "$device" --dtype bfloat16 --batch 8 --width 256 --extent 64 --repeats 10 -q
 step mha_torch peers.txt 30 "$py" benchmarks/bench_mha.py --device "$device" --repeats 10
