@@ -378,6 +378,51 @@ def test_a_no_op_hook_on_every_sub_layer_runs_and_changes_nothing(case: Case) ->
     assert not skipped, f"{case.spec.name}: hooks skipped on {sorted(skipped)}"
 
 
+class _Doubled(nn.Module):
+    """A parametrization: the weight a layer computes with is twice its stored one."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return 2 * weight
+
+
+def test_a_parametrized_weight_is_the_weight_every_sub_layer_computes_with(case: Case) -> None:
+    """``torch.nn.utils.parametrize`` (weight_norm, spectral_norm, orthogonal, ...) turns a layer's
+    ``weight`` into a property computed on access, and its class into a subclass: a module reading
+    the stored tensor (``_parameters["weight"]``) or taking a shortcut meant for the plain class
+    would compute with the wrong weight. Every leaf's ``weight`` is parametrized to twice its
+    value: the output must equal that of a copy whose weights are doubled in place, and a
+    training step must reach every parametrized weight that the copy's step reaches."""
+    module, inputs, kwargs = case.build()
+    # float64: the shortcut and the module call may sum in different orders, and doubled weights
+    # amplify float32's rounding past the tolerance (glore without normalisation: 5e-5 of 0.3)
+    module.eval().double()
+    inputs = tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
+    doubled = copy.deepcopy(module)
+    parametrized = []
+    for name, sub in module.named_modules():
+        weight = sub._parameters.get("weight") if name and not any(True for _ in sub.children()) else None
+        if isinstance(weight, nn.Parameter) and weight.is_floating_point():
+            nn.utils.parametrize.register_parametrization(sub, "weight", _Doubled())
+            with torch.no_grad():
+                doubled.get_submodule(name).weight.mul_(2)
+            parametrized.append(name)
+    if not parametrized:
+        pytest.skip("no sub-layer with a weight")
+    with torch.no_grad():
+        assert_close(first(module(*inputs, **kwargs)), first(doubled(*inputs, **kwargs)))
+    for model in (module, doubled):
+        model.zero_grad(set_to_none=True)
+        out = first(model(*inputs, **kwargs))
+        if out.requires_grad:
+            out.float().sum().backward()
+    for name in parametrized:
+        stored = module.get_submodule(name).parametrizations.weight.original
+        reached = doubled.get_submodule(name).weight.grad is not None
+        assert (stored.grad is not None) == reached, (
+            f"{case.spec.name}: {name}'s parametrization was bypassed"
+        )
+
+
 def _poisoned(x: Tensor, where: Tensor, value: float) -> Tensor:
     return torch.where(where.to(x.device), torch.full_like(x, value), x)
 
