@@ -329,6 +329,38 @@ def deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
+def test_each_batch_item_is_computed_as_if_alone(case: Case) -> None:
+    """In eval mode, item i of a batch gives what it gives in a batch of one: a reshape that mixes
+    the batch with heads, groups or positions (``view`` where ``permute`` was needed), a pooling or
+    normalisation over the wrong dims, or a mask broadcast onto the wrong items all break this,
+    and a symmetric random batch hides them from the shape and finiteness checks. Every tensor
+    input and mask leads with the batch (``batch_dim`` 0); float64, so that the batched and
+    single-item GEMMs' different blockings do not blur a real difference."""
+    if case.spec.batch_dim is None:
+        pytest.skip("no batch dimension (graph node features)")
+    base = case.spec.default_sizes
+    batch = 3  # not a size any other dim has, so no unbatched tensor is mistaken for a batched one
+    module, inputs, kwargs = case.build(batch=batch, extent=base.extent + 3)
+    module = module.double().eval()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+    options = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}  # causal=True, ...
+    for name, x in [*((f"input {i}", x) for i, x in enumerate(inputs)), *tensor_kwargs.items()]:
+        assert x.shape[0] == batch, f"{case.spec.name}: {name} does not lead with the batch"
+    tensor_kwargs = {k: v.double() if v.is_floating_point() else v for k, v in tensor_kwargs.items()}
+    with torch.no_grad():
+        whole = first(module(*inputs, **options, **tensor_kwargs))
+        for i in range(batch):
+            alone = first(
+                module(
+                    *(x[i : i + 1] for x in inputs),
+                    **options,
+                    **{k: v[i : i + 1] for k, v in tensor_kwargs.items()},
+                )
+            )
+            assert_close(alone, whole[i : i + 1], rtol=1e-9, atol=1e-12)
+
+
 def test_state_dict_round_trip_and_determinism(case: Case) -> None:
     source, inputs, kwargs = case.build(seed=0)
     target, _, _ = case.build(seed=1)
