@@ -564,6 +564,41 @@ def test_channels_last_input_gives_the_same_output(case: Case) -> None:
         assert_close(first(module(*strided, **kwargs)), first(module(*inputs, **kwargs)))
 
 
+def _strided_copy(x: Tensor) -> Tensor:
+    """``x``'s values in a view whose last dim has stride 2 (every other column of a wider buffer):
+    what a slice or a split of a larger tensor hands a module."""
+    wide = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def test_inputs_are_read_never_written_and_any_strides_work(case: Case) -> None:
+    """A training step and an inference call leave every input and mask as they were (an in-place
+    op on an input corrupts the caller's tensor, or raises on an expanded one), and the output
+    does not depend on the inputs' strides: a strided view, and a batch expanded from one item
+    (stride 0 on the batch dim), give the contiguous input's output."""
+    module, inputs, kwargs = case.build()
+    given = [*inputs, *(v for v in kwargs.values() if isinstance(v, Tensor))]
+    before = [t.clone() for t in given]
+    module.train()
+    leaves = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
+    out = first(module(*leaves, **kwargs))
+    (out * noise(out.shape, out)).sum().backward()
+    for i, (t, copy_) in enumerate(zip([*leaves, *given[len(inputs) :]], before)):
+        assert torch.equal(t.detach(), copy_), f"{case.spec.name}: input {i} was modified in place"
+    module.eval()
+    with torch.no_grad():
+        expected = first(module(*inputs, **kwargs))
+        for i, (t, copy_) in enumerate(zip(given, before)):
+            assert torch.equal(t, copy_), f"{case.spec.name}: input {i} was modified in place (no grad)"
+        strided = tuple(_strided_copy(x) if x.is_floating_point() else x for x in inputs)
+        assert_close(first(module(*strided, **kwargs)), expected)
+        if case.spec.batch_dim is not None:
+            expanded = tuple(x[:1].expand_as(x) if x.is_floating_point() else x for x in inputs)
+            contiguous = tuple(x.contiguous() for x in expanded)
+            assert_close(first(module(*expanded, **kwargs)), first(module(*contiguous, **kwargs)))
+
+
 def _channel_dim(spec: ModuleSpec, inputs: tuple[Tensor, ...], i: int) -> int:
     """Where input ``i`` keeps its channels: an input of the first one's rank shares its layout;
     a feature map beside a sequence (show-attend-tell's annotations) is channels-first."""
