@@ -694,6 +694,38 @@ def test_bad_masks_are_clear_errors(case: Case) -> None:
             module(*inputs, **{**kwargs, key: short})
 
 
+def test_an_additive_mask_in_any_float_dtype_is_the_same_mask(case: Case) -> None:
+    """A module that takes additive masks takes them in every floating dtype, with the result of
+    the same mask in the inputs' dtype: a float16 padding mask beside float32 inputs, or a float64
+    bias table, is no reason for torch's internal "attn_mask dtype" error, nor for float64 maps
+    beside float32 inputs. A module that takes bool masks only rejects every float one alike."""
+    module, inputs, kwargs = case.build()
+    module.eval()
+    masks = {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and v.dtype == torch.bool}
+    if not masks:
+        pytest.skip("no mask argument")
+    dtype = inputs[0].dtype
+    call = (lambda **kw: module(*inputs, **kw, return_attn=True)) if case.spec.returns_attn else (
+        lambda **kw: module(*inputs, **kw)
+    )  # fmt: skip
+    for key, mask in masks.items():
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        with torch.no_grad():
+            try:
+                expected = call(**{**kwargs, key: additive})
+            except TypeError as error:
+                assert key in str(error), f"{case.spec.name}: a float {key} is rejected without naming it"
+                for other in (torch.float64, torch.float16, torch.bfloat16):
+                    with pytest.raises(TypeError, match=key):
+                        call(**{**kwargs, key: additive.to(other)})
+                continue
+            for other in (torch.float64, torch.float16, torch.bfloat16):
+                result = call(**{**kwargs, key: additive.to(other)})
+                for got, want in zip(tensors_in(result), tensors_in(expected)):
+                    assert got.dtype == want.dtype, f"{case.spec.name}: a {other} {key} gives {got.dtype}"
+                    assert_close(got, want, rtol=0, atol=0)
+
+
 def test_dtype_mismatch_is_one_clear_error(case: Case) -> None:
     """An input of another dtype than the parameters, or two inputs of two float dtypes: one
     error naming both dtypes and the argument, not torch's internal matmul/conv message."""

@@ -1,4 +1,4 @@
-"""softmax_: the in-place softmax of quadratic buffers, against torch.softmax."""
+"""The shared softmax helpers: softmax_ (in place, against torch.softmax), masked_softmax's masks, mean_of."""
 
 from __future__ import annotations
 
@@ -52,3 +52,20 @@ def test_mean_of_matches_float64_and_makes_no_float32_copy(dtype, dim, keepdim):
     if dtype == torch.bfloat16:
         # torch's bfloat16 mean kernel makes the float32 copy inside (no op a recorder sees)
         assert not recorder.ran("aten.mean"), recorder.names()
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_masked_softmax_adds_a_mask_of_any_float_dtype_without_widening(logits_dtype, mask_dtype):
+    """A float64 mask does not turn float32 weights into float64 (the weights' dtype is the
+    logits' rule alone), and every precision of the same 0 / -inf mask gives the same weights."""
+    from attnzoo.functional.softmax import additive_mask_for, masked_softmax
+
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(logits_dtype)
+    mask = torch.zeros(3, 5).masked_fill(torch.arange(5) >= torch.tensor([[5], [2], [0]]), float("-inf"))
+    weights = masked_softmax(logits, mask.to(mask_dtype))
+    assert weights.dtype == (torch.float64 if logits_dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(weights, masked_softmax(logits, mask.to(logits_dtype)), rtol=0, atol=0)
+    assert torch.equal(weights[2], torch.zeros(5, dtype=weights.dtype))  # fully masked: zeros
+    kept = additive_mask_for(mask.to(mask_dtype), logits_dtype)
+    assert kept.dtype in (logits_dtype, torch.float32)  # the fused kernels take no other float mask

@@ -52,7 +52,7 @@ from attnzoo.functional.local_window import (
     window_stack,
     window_taps,
 )
-from attnzoo.functional.softmax import compute_dtype, masked_softmax, mean_of, softmax_
+from attnzoo.functional.softmax import additive_mask_for, compute_dtype, masked_softmax, mean_of, softmax_
 from attnzoo.functional.window import (
     SMALL_HEAD_DIM,
     masked_value,
@@ -67,6 +67,7 @@ __all__ = [
     "Attended",
     "PaddingMode",
     "Score",
+    "additive_mask_for",
     "and_masks",
     "attend",
     "attend_with_weights",

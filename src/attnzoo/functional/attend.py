@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from attnzoo._checks import autocast_enabled, check_mask
-from attnzoo.functional.softmax import masked_softmax
+from attnzoo.functional.softmax import additive_mask_for, masked_softmax
 
 __all__ = [
     "SCORES",
@@ -504,6 +504,7 @@ def attend_with_weights(
     n_q, n_k = q.shape[-2], k.shape[-2]
     if mask is not None:
         check_mask(mask, "mask", (*_lead_shape(q, k), n_q, n_k), device=q.device)
+        mask = additive_mask_for(mask, q.dtype)  # a float mask of another precision: one SDPA takes
         k, v = _zero_padded_keys(k, v, mask)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "masked_softmax", "mean_of", "softmax_"]
+__all__ = ["additive_mask_for", "compute_dtype", "masked_softmax", "mean_of", "softmax_"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -33,6 +33,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
         (torch.float32, torch.float64)
     """
     return torch.float32 if dtype in _HALF else dtype
+
+
+def additive_mask_for(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``mask`` in a dtype that adds to scores of ``dtype`` without widening them: a bool mask, or
+    a floating one in ``dtype`` or float32, as it is; another floating one (a float16 mask beside
+    float32 scores, a float64 one beside anything narrower) in float64 for float64 scores, else in
+    float32.
+
+    An additive mask in a precision of its own is legitimate (a float64 ALiBi table, a float16
+    padding mask from a half-precision pipeline), but the fused kernels take a float mask only in
+    float32 or in the query's dtype (anything else is torch's internal error), and ``scores + mask``
+    would promote float32 scores, and so the weights, to float64. 0 and -inf survive every cast;
+    finite biases round to the scores' own precision, where they are added anyway.
+
+    Example:
+        >>> additive_mask_for(torch.zeros(2, dtype=torch.float16), torch.float32).dtype
+        torch.float32
+    """
+    if mask.dtype == torch.bool or mask.dtype == dtype or mask.dtype == torch.float32:
+        return mask
+    return mask.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def mean_of(x: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
@@ -76,7 +97,10 @@ def masked_softmax(logits: Tensor, mask: Tensor | None = None, *, dim: int = -1)
                 [0.0000, 0.0000, 0.0000]])
     """
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + additive_mask_for(mask, logits.dtype)
     # None for full-precision logits: no cast node in traced and exported graphs
     dtype = torch.float32 if logits.dtype in _HALF else None
     if mask is None:
