@@ -214,6 +214,77 @@ def test_gradients_reach_every_parameter(case: Case) -> None:
             assert x.grad is not None and torch.isfinite(x.grad).all(), f"input {i} gradient"
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradients_are_the_derivative(case: Case, mode: str) -> None:
+    """Autograd's gradients, of every parameter and floating input at once, along a random
+    direction u equal the central difference (L(p + e u) - L(p - e u)) / 2e of the loss, in
+    float64 (torch.autograd.gradcheck's fast mode, in one direction for all of them together).
+
+    Non-zero gradients (the property above) can still be wrong: a hand-written backward, a wrong
+    saved tensor, or a kernel's bug on some layout (torch 2.13's CPU BatchNorm backward on a
+    (B, C, N, 1) view of transposed tokens returned the bias gradient / N, in both modes, for
+    non_local, dnl and glore). In both modes: eval-mode normalisation and fast paths differ.
+
+    A ReLU or a max between p - e u and p + e u (a kink) bends the difference: two step sizes
+    must agree before it counts, else another direction is drawn. A real error is the same at
+    both steps and in every direction. The tolerance is 1e-5 of the terms' mass, sum |g u|: the
+    rounding of a float64 loss over a few thousand outputs, divided by the step."""
+    case.skip_unless_applies("gradients")
+    case.skip_unless_applies("derivative")
+    module, inputs, kwargs = case.build()
+    module = module.double().train(mode == "train")
+    leaves = [x.double().detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    tensors = [*(x for x in leaves if x.requires_grad), *module.parameters()]
+    # BatchNorm's running statistics move with every training forward: the same ones for each
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    projection: list[Tensor] = []
+
+    def loss() -> Tensor:
+        with torch.no_grad():  # before the forward: eval-mode BatchNorm saves them for its backward
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
+        out = first(module(*leaves, **kwargs))
+        if not projection:  # a random projection: a plain sum can cancel (softmax rows sum to one)
+            projection.append(noise(out.shape, out, seed=12))
+        return (out * projection[0]).sum()
+
+    value = loss()
+    grads = torch.autograd.grad(value, tensors, allow_unused=True)
+    with torch.no_grad():
+        # (not bitwise: no-grad calls may take inference paths that round differently)
+        if not torch.allclose(loss(), value, rtol=1e-10, atol=1e-12):
+            pytest.skip(f"the forward is random in {mode} mode (dropout, sampled gates or noise)")
+
+    def central_difference(direction: list[Tensor], step: float) -> Tensor:
+        with torch.no_grad():
+            for t, u in zip(tensors, direction):
+                t.add_(step * u)
+            plus = loss()
+            for t, u in zip(tensors, direction):
+                t.sub_(2 * step * u)
+            minus = loss()
+            for t, u in zip(tensors, direction):
+                t.add_(step * u)
+        return (plus - minus) / (2 * step)
+
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(6):
+        direction = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in tensors]
+        terms = [g * u for g, u in zip(grads, direction) if g is not None]
+        analytic = sum(t.sum() for t in terms)
+        # relative to the terms' mass, not to their sum (which can cancel)
+        tolerance = 1e-5 * float(sum(t.abs().sum() for t in terms)) + 1e-7
+        numeric = central_difference(direction, 1e-6)
+        if abs(float(numeric - central_difference(direction, 2e-7))) > tolerance:
+            continue  # a kink between the points: not this direction
+        assert abs(float(analytic) - float(numeric)) <= tolerance, (
+            f"{case.spec.name}: the gradients give {float(analytic):.8g} along u, the central "
+            f"difference {float(numeric):.8g} (tolerance {tolerance:.2g})"
+        )
+        return
+    pytest.fail(f"{case.spec.name}: the loss is not smooth in six random directions")
+
+
 #: views whose backward zero-fills a buffer the size of the tensor they index
 _INDEXING_BACKWARDS = {"SliceBackward0", "SelectBackward0"}
 

@@ -4,7 +4,7 @@ These blocks compute ``z = norm(W_z y)`` on flattened (B, C, N) tokens, for 1-D,
 alike, and add z to the input. Two rules, shared:
 
 - the norm is a vision ``norm_layer`` like every other (``norm_layer(C)`` applied to (B, C, H, W)
-  maps, default ``nn.BatchNorm2d``): it runs on the tokens viewed as a (B, C, N, 1) map. There
+  maps, default ``nn.BatchNorm2d``): it runs on the tokens viewed as a (B, C, 1, N) map. There
   BatchNorm2d has exactly the statistics of the papers' BatchNorm1d/2d/3d on the input (mean and
   variance over the batch and every position, per channel), and the parameter and buffer names
   of the BatchNorm1d of earlier releases, so their checkpoints load. Norm classes that reject a
@@ -23,7 +23,7 @@ from attnzoo.layers import NormLayer, create_norm
 
 __all__ = ["apply_token_norm", "create_token_norm", "zero_init_last_norm"]
 
-#: norm classes that reject a (B, C, N, 1) map
+#: norm classes that reject a (B, C, 1, N) map
 _NOT_FOR_MAPS = (
     nn.BatchNorm1d,
     nn.BatchNorm3d,
@@ -41,7 +41,7 @@ def create_token_norm(
     dtype: torch.dtype | None = None,
     argument: str = "norm_layer",
 ) -> nn.Module:
-    """``norm_layer(channels)`` for the tokens viewed as (B, C, N, 1); None gives ``nn.Identity``.
+    """``norm_layer(channels)`` for the tokens viewed as (B, C, 1, N); None gives ``nn.Identity``.
 
     Raises:
         ValueError: the norm does not take 4-D maps (``nn.BatchNorm1d``, ``nn.LayerNorm``, ...).
@@ -50,7 +50,7 @@ def create_token_norm(
     if isinstance(layer, _NOT_FOR_MAPS):
         raise ValueError(
             f"{argument}: the norm runs on (B, C, H, W) maps like every vision norm_layer (here the "
-            f"tokens of any input rank viewed as (B, C, N, 1)), expected a layer taking them such as "
+            f"tokens of any input rank viewed as (B, C, 1, N)), expected a layer taking them such as "
             f"nn.BatchNorm2d (the statistics of BatchNorm1d/3d on the input), nn.GroupNorm or "
             f"nn.SyncBatchNorm, got {type(layer).__name__}"
         )
@@ -58,8 +58,17 @@ def create_token_norm(
 
 
 def apply_token_norm(norm: nn.Module, tokens: Tensor) -> Tensor:
-    """``norm`` on (B, C, N) tokens through a (B, C, N, 1) view; (B, C, N) back."""
-    return norm(tokens.unsqueeze(-1)).squeeze(-1)  # (B, C, N) -> (B, C, N, 1) -> (B, C, N)
+    """``norm`` on (B, C, N) tokens through a (B, C, 1, N) view; (B, C, N) back.
+
+    (B, C, 1, N), not (B, C, N, 1): the blocks' tokens are the transpose of a (B, N, C) product,
+    and ``unsqueeze(-1)`` of that gives a map whose strides are neither contiguous nor canonical
+    channels-last (the size-1 W gets stride 1, not C). torch 2.13's CPU BatchNorm backward takes
+    such a map for channels-last and returns wrong gradients for the input, the weight and the
+    bias (the bias's was 1/N of the true one), in training and in eval; the forward is right.
+    ``unsqueeze(2)`` gives the canonical channels-last strides (N C, 1, N C, C), which every
+    kernel reads correctly, and the same statistics (a norm over (B, H W) or per (C, H W) group).
+    """
+    return norm(tokens.unsqueeze(2)).squeeze(2)  # (B, C, N) -> (B, C, 1, N) -> (B, C, N)
 
 
 def zero_init_last_norm(norm: nn.Module, projection: nn.Module) -> None:

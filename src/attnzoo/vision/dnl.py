@@ -82,7 +82,7 @@ class DisentangledNonLocal(nn.Module):
         variant: ``"paper"`` or ``"official"`` (mmsegmentation ``DNLHead``: ``use_scale=True``,
             ``temperature=0.05``); explicit ``temperature`` / ``use_scale`` override it.
         norm_layer: the normalisation after W_z, called as ``norm_layer(C)`` on the (B, C, N)
-            tokens of every input rank viewed as (B, C, N, 1) (default ``nn.BatchNorm2d``: the
+            tokens of every input rank viewed as (B, C, 1, N) (default ``nn.BatchNorm2d``: the
             statistics of the paper's BN on the input and the state_dict keys of earlier
             releases; e.g. ``functools.partial(nn.GroupNorm, 32)``; norms that reject 4-D maps are
             refused). Its weight, when it has one, is zero-initialised (identity at init). None:

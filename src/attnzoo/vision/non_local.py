@@ -142,7 +142,7 @@ class NonLocalBlock(nn.Module):
             official code (video-nonlocal-net ``USE_SCALE``, mmcv ``use_scale=True``) does it.
         norm_layer: the normalisation after W_z, a vision ``norm_layer`` called as
             ``norm_layer(C)`` on (B, C, H, W) maps: here the (B, C, N) tokens of every input rank
-            viewed as (B, C, N, 1). Default ``nn.BatchNorm2d``: over (B, N) per channel it has
+            viewed as (B, C, 1, N). Default ``nn.BatchNorm2d``: over (B, N) per channel it has
             exactly the statistics of the paper's BatchNorm1d/2d/3d on the input, for sequences,
             images and video alike, and the state_dict keys of earlier releases (their
             BatchNorm1d), whose checkpoints load. E.g. ``functools.partial(nn.GroupNorm, 32)``,
