@@ -17,14 +17,22 @@ def _not_exporting() -> bool:
 
 # torch.compiler.is_exporting is newer than the oldest torch we support
 _is_exporting = getattr(torch.compiler, "is_exporting", _not_exporting)
+# whether a torch.func transform (vmap, grad, jvp, jacrev, ...) is running; private, so looked up
+# with a fallback: where it is missing, transforms meet the eager paths (which may not compose)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", _not_exporting)
 
 
 def is_eager(*tensors: object) -> bool:
-    """False under ``torch.compile``, ``torch.export``, ``torch.jit.trace`` and fx symbolic
-    tracing (any of ``tensors`` an ``fx.Proxy``); True in plain eager execution.
+    """False under ``torch.compile``, ``torch.export``, ``torch.jit.trace``, fx symbolic tracing
+    (any of ``tensors`` an ``fx.Proxy``) and torch.func's transforms; True in plain eager
+    execution.
+
+    The eager paths write into preallocated buffers (``out=``, in place) and run hand-written
+    backwards; vmap has no rule for an ``out=`` product into a slice (criss_cross's half-precision
+    weights), so under a transform the plain operators run, as they do in graphs.
 
     Called on every forward of the small-call paths, so written as plain tests (~1 us)."""
-    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing() or _functorch_active():
         return False
     for t in tensors:
         if isinstance(t, fx.Proxy):

@@ -285,6 +285,55 @@ def test_gradients_are_the_derivative(case: Case, mode: str) -> None:
     pytest.fail(f"{case.spec.name}: the loss is not smooth in six random directions")
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_per_sample_gradients_with_torch_func(case: Case) -> None:
+    """``vmap(grad(loss))`` over the batch (torch.func's per-sample gradients, as differential
+    privacy and influence functions compute them) gives, item by item, the parameter gradients of
+    a batch of one through autograd. A custom autograd Function in the old style (``forward``
+    taking ``ctx``) raises under these transforms, and one without a vmap rule raises under vmap;
+    float64, eval mode (vmap cannot update BatchNorm's running statistics per item)."""
+    case.skip_unless_applies("gradients")
+    if case.spec.batch_dim is None:
+        pytest.skip("no batch dimension (graph node features)")
+    module, inputs, kwargs = case.build()
+    module = module.double().eval()
+    if not any(True for _ in module.parameters()):
+        pytest.skip("no parameters")
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+    options = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
+    names = list(tensor_kwargs)
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():  # the projection is drawn outside vmap (random ops inside it raise)
+        one = first(
+            module(*(x[:1] for x in inputs), **options, **{n: m[:1] for n, m in tensor_kwargs.items()})
+        )
+    projection = noise(one.shape, one, seed=12)
+
+    def loss(params: dict[str, Tensor], *items: Tensor) -> Tensor:
+        xs, masks = items[: len(inputs)], items[len(inputs) :]
+        batched_kwargs = {**options, **{n: m.unsqueeze(0) for n, m in zip(names, masks)}}
+        out = first(
+            torch.func.functional_call(
+                module, {**params, **buffers}, tuple(x.unsqueeze(0) for x in xs), batched_kwargs
+            )
+        )
+        return (out * projection).sum()
+
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    in_dims = (None, *[0] * (len(inputs) + len(names)))
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=in_dims)(
+        params, *inputs, *tensor_kwargs.values()
+    )
+    leaves = {n: p.detach().requires_grad_() for n, p in module.named_parameters()}
+    for i in range(inputs[0].shape[0]):
+        value = loss(leaves, *(x[i] for x in inputs), *(m[i] for m in tensor_kwargs.values()))
+        expected = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        for (name, leaf), want in zip(leaves.items(), expected):
+            want = torch.zeros_like(leaf) if want is None else want
+            assert_close(per_sample[name][i], want, rtol=1e-8, atol=1e-10)
+
+
 #: views whose backward zero-fills a buffer the size of the tensor they index
 _INDEXING_BACKWARDS = {"SliceBackward0", "SelectBackward0"}
 

@@ -211,9 +211,10 @@ class _WindowAggregate(torch.autograd.Function):
     preallocated tensor; it saves only the values and the weights.
     """
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it (per-sample gradients)
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
         values: Tensor,
         weights: Tensor,
         kernel_size: int,
@@ -222,9 +223,14 @@ class _WindowAggregate(torch.autograd.Function):
         padding_mode: str,
         sharing: str,
     ) -> Tensor:
-        ctx.save_for_backward(values, weights)
-        ctx.options = (kernel_size, stride, dilation, padding_mode, sharing)  # type: ignore[attr-defined]
         return _aggregate_loop(values, weights, kernel_size, stride, dilation, padding_mode, sharing)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        values, weights, *options = inputs
+        ctx.save_for_backward(values, weights)
+        # kernel_size, stride, dilation, padding_mode, sharing
+        ctx.options = tuple(options)  # type: ignore[attr-defined]
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -342,17 +348,22 @@ class _WindowReassemble(torch.autograd.Function):
     kernels (never an upsampled tensor).
     """
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it (per-sample gradients)
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
         values: Tensor,
         kernels: Tensor,
         kernel_size: int,
         scale: int,
     ) -> Tensor:
-        ctx.save_for_backward(values, kernels)
-        ctx.options = (kernel_size, scale)  # type: ignore[attr-defined]
         return _reassemble_loop(values, kernels, kernel_size, scale)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        values, kernels, *options = inputs
+        ctx.save_for_backward(values, kernels)
+        ctx.options = tuple(options)  # type: ignore[attr-defined]  # kernel_size, scale
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -438,18 +449,23 @@ def _neg_sq_distance_loop(query: Tensor, keys: Tensor, kernel_size: int, groups:
 class _WindowNegSqDistance(torch.autograd.Function):
     """-(q - k)^2 over every window tap, saving only q and k (the backward recomputes q - k_t)."""
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it (per-sample gradients)
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
         query: Tensor,
         keys: Tensor,
         kernel_size: int,
         groups: int,
         stride: int,
     ) -> Tensor:
-        ctx.save_for_backward(query, keys)
-        ctx.options = (kernel_size, groups, stride)  # type: ignore[attr-defined]
         return _neg_sq_distance_loop(query, keys, kernel_size, groups, stride)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        query, keys, *options = inputs
+        ctx.save_for_backward(query, keys)
+        ctx.options = tuple(options)  # type: ignore[attr-defined]  # kernel_size, groups, stride
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -508,17 +524,22 @@ def _window_dot_loop(query: Tensor, keys: Tensor, kernel_size: int, groups: int)
 class _WindowDot(torch.autograd.Function):
     """q . k over every window tap, saving only q and k (no per-tap product is kept)."""
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it (per-sample gradients)
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
         query: Tensor,
         keys: Tensor,
         kernel_size: int,
         groups: int,
     ) -> Tensor:
-        ctx.save_for_backward(query, keys)
-        ctx.options = (kernel_size, groups)  # type: ignore[attr-defined]
         return _window_dot_loop(query, keys, kernel_size, groups)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        query, keys, *options = inputs
+        ctx.save_for_backward(query, keys)
+        ctx.options = tuple(options)  # type: ignore[attr-defined]  # kernel_size, groups
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

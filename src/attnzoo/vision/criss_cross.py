@@ -38,9 +38,15 @@ class _CompactGradient(torch.autograd.Function):
     support: 71 ms against 10 ms at 64 x 64) than on one compact copy.
     """
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it
+
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, t: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(t: Tensor) -> Tensor:  # type: ignore[override]
         return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        pass  # nothing to keep: the backward only copies the gradient
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
@@ -162,17 +168,24 @@ class _HalfPrecisionCrissCross(torch.autograd.Function):
     (relative 2^-9 in bfloat16); their gradient already was.
     """
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor
-    ) -> Tensor:
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         attn_col, attn_row = _half_precision_weights(q, k, v.dtype)
-        ctx.save_for_backward(q, k, v, attn_col, attn_row)
-        return _aggregate(attn_col, attn_row, v)
+        # the weights are outputs only so that setup_context can keep them (new-style Functions
+        # save intermediates that way, which torch.func's transforms need)
+        return _aggregate(attn_col, attn_row, v), attn_col, attn_row
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        _, attn_col, attn_row = output
+        ctx.mark_non_differentiable(attn_col, attn_row)
+        ctx.save_for_backward(*inputs, attn_col, attn_row)
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _grad_col: None, _grad_row: None
     ) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, attn_col, attn_row = ctx.saved_tensors  # type: ignore[attr-defined]
         batch, inner, height, width = q.shape
@@ -317,7 +330,7 @@ def criss_cross_context(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.dtype not in (torch.bfloat16, torch.float16) or not is_eager(q, k, v):
         return criss_cross_attention(q, k, v)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _HalfPrecisionCrissCross.apply(q, k, v)  # type: ignore[no-any-return]
+        return _HalfPrecisionCrissCross.apply(q, k, v)[0]  # type: ignore[no-any-return]
     return _aggregate(*_half_precision_weights(q, k, v.dtype), v)
 
 

@@ -66,16 +66,19 @@ class _AttentionPool(torch.autograd.Function):
     reads x along its rows in both reductions. It saves x, W_k and alpha, as autograd does.
     """
 
+    generate_vmap_rule = True  # torch.func's vmap and grad compose with it (per-sample gradients)
+
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, x: Tensor, key_weight: Tensor
-    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        context, weights = _attention_pool(x, key_weight)
-        ctx.save_for_backward(x, key_weight, weights)
+    def forward(x: Tensor, key_weight: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return _attention_pool(x, key_weight)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        x, key_weight = inputs
+        ctx.save_for_backward(x, key_weight, output[1])
         # an output nothing differentiates (alpha, unless the maps are trained on) gets None in the
         # backward, not a zero-filled gradient to allocate and add
         ctx.set_materialize_grads(False)
-        return context, weights
 
     @staticmethod
     def backward(  # type: ignore[override]
