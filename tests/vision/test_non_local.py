@@ -367,29 +367,3 @@ def test_concatenation_runs_in_onnxruntime_with_a_dynamic_batch() -> None:
     x = torch.randn(3, 8, 5, 5)
     result = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(result), module(x).detach(), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_token_norm_gradients_are_those_of_contiguous_tokens(training):
-    """The residual blocks' norm runs on the transpose of a (B, N, C) product. torch 2.13's CPU
-    BatchNorm backward misreads a (B, C, N, 1) view of such tokens (strides neither contiguous
-    nor channels-last) and returns wrong input, weight and bias gradients (the bias's / N);
-    :func:`apply_token_norm` must give the gradients of the same norm on contiguous tokens."""
-    from attnzoo.vision._token_norm import apply_token_norm
-
-    torch.manual_seed(0)
-    norm = torch.nn.BatchNorm2d(4).double().train(training)
-    randomize_(norm, seed=1, norm_statistics=True)
-    product = torch.randn(2, 64, 4, dtype=torch.float64, requires_grad=True)  # (B, N, C)
-    direction = torch.randn(2, 4, 64, dtype=torch.float64)
-    tensors = [product, norm.weight, norm.bias]
-    state = copy.deepcopy(norm.state_dict())
-    out = apply_token_norm(norm, product.transpose(1, 2))  # (B, N, C) -> (B, C, N), a view
-    got = torch.autograd.grad((out * direction).sum(), tensors)
-    norm.load_state_dict(state)
-    contiguous = norm(product.transpose(1, 2).contiguous().unsqueeze(-1)).squeeze(-1)
-    expected = torch.autograd.grad((contiguous * direction).sum(), tensors)
-    torch.testing.assert_close(out, contiguous, rtol=1e-12, atol=1e-12)
-    for name, g, e in zip(("input", "weight", "bias"), got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
-    torch.testing.assert_close(got[2], direction.sum(dim=(0, 2)), rtol=1e-12, atol=1e-12)  # d/d bias

@@ -1,6 +1,6 @@
 """The output norm of the residual token blocks (non_local, dnl, glore; vision/_token_norm.py):
 the default is the paper's BatchNorm of the input's rank (same numerics, same state_dict keys),
-norm_layer replaces it (GroupNorm, InstanceNorm2d, None) on the tokens viewed as (B, C, N, 1), the
+norm_layer replaces it (GroupNorm, InstanceNorm2d, None) on the tokens viewed as (B, C, 1, N), the
 block starts as the identity whatever the norm, and norms that reject 4-D maps are refused with a
 clear error."""
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.testing import randomize_
+from attnzoo.vision._token_norm import apply_token_norm
 from attnzoo.vision.dnl import DisentangledNonLocal
 from attnzoo.vision.glore import GloRe
 from attnzoo.vision.non_local import NonLocalBlock
@@ -125,6 +126,30 @@ def test_zero_init_without_an_affine_weight_zeroes_the_projection(block) -> None
 @pytest.mark.parametrize("norm_layer", [nn.BatchNorm1d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.LayerNorm])
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.__name__)
 def test_map_only_norms_are_refused_with_a_clear_error(block, norm_layer) -> None:
-    message = r"norm_layer: .*\(B, C, N, 1\).*nn.BatchNorm2d.*got " + norm_layer.__name__
+    message = r"norm_layer: .*\(B, C, 1, N\).*nn.BatchNorm2d.*got " + norm_layer.__name__
     with pytest.raises(ValueError, match=message):
         block(16, norm_layer=norm_layer)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_token_norm_gradients_are_those_of_contiguous_tokens(training):
+    """The residual blocks' norm runs on the transpose of a (B, N, C) product. torch 2.13's CPU
+    BatchNorm backward misreads a (B, C, N, 1) view of such tokens (strides neither contiguous
+    nor channels-last) and returns wrong input, weight and bias gradients (the bias's / N);
+    :func:`apply_token_norm` must give the gradients of the same norm on contiguous tokens."""
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(4).double().train(training)
+    randomize_(norm, seed=1, norm_statistics=True)
+    product = torch.randn(2, 64, 4, dtype=torch.float64, requires_grad=True)  # (B, N, C)
+    direction = torch.randn(2, 4, 64, dtype=torch.float64)
+    tensors = [product, norm.weight, norm.bias]
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    out = apply_token_norm(norm, product.transpose(1, 2))  # (B, N, C) -> (B, C, N), a view
+    got = torch.autograd.grad((out * direction).sum(), tensors)
+    norm.load_state_dict(state)
+    contiguous = norm(product.transpose(1, 2).contiguous().unsqueeze(-1)).squeeze(-1)
+    expected = torch.autograd.grad((contiguous * direction).sum(), tensors)
+    torch.testing.assert_close(out, contiguous, rtol=1e-12, atol=1e-12)
+    for name, g, e in zip(("input", "weight", "bias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(got[2], direction.sum(dim=(0, 2)), rtol=1e-12, atol=1e-12)  # d/d bias
