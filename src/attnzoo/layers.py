@@ -13,6 +13,7 @@ from torch import Tensor, fx, nn
 from attnzoo._checks import check_positive
 
 __all__ = [
+    "HardSigmoid",
     "LayerSpec",
     "NormLayer",
     "call_layer",
@@ -32,6 +33,21 @@ LayerSpec = str | type[nn.Module] | Callable[[], nn.Module] | None
 #: 32)``; ``nn.Identity``), or None for no normalisation.
 NormLayer = Callable[..., nn.Module] | None
 
+
+class HardSigmoid(nn.Hardsigmoid):
+    """``nn.Hardsigmoid`` (``relu6(x + 3) / 6``) whose gradient is differentiable again.
+
+    torch's hardsigmoid kernel has no double backward ("derivative for aten::hardsigmoid_backward
+    is not implemented"), so a gradient penalty or a Hessian-vector product through MobileNetV3's
+    or eSE's gate raises. Where autograd records, this computes the same values with ``relu6``,
+    whose backward differentiates; elsewhere it is the one-kernel ``F.hardsigmoid``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.relu6(x + 3.0) / 6.0
+        return F.hardsigmoid(x)
+
+
 _LAYERS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "relu6": nn.ReLU6,
@@ -42,7 +58,7 @@ _LAYERS: dict[str, Callable[[], nn.Module]] = {
     "mish": nn.Mish,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
-    "hard_sigmoid": nn.Hardsigmoid,
+    "hard_sigmoid": HardSigmoid,
     "hard_swish": nn.Hardswish,
     "identity": nn.Identity,
 }

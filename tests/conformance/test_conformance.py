@@ -285,6 +285,68 @@ def test_gradients_are_the_derivative(case: Case, mode: str) -> None:
     pytest.fail(f"{case.spec.name}: the loss is not smooth in six random directions")
 
 
+def test_gradients_differentiate_again(case: Case) -> None:
+    """Double backward (``create_graph=True``) runs and is right: the Hessian-vector product
+    u^T H w of the loss, over every parameter and floating input, equals the central difference
+    of the gradients' projection on w along u. Gradient penalties (R1, WGAN-GP) through an
+    attention discriminator, second-order meta-learning and influence functions need it; the
+    fused kernels have no double backward of their own (torch raises), nor has hardsigmoid.
+    Float64, eval mode; kinks as in the first-order property (two steps must agree)."""
+    case.skip_unless_applies("gradients")
+    module, inputs, kwargs = case.build()
+    module = module.double().eval()
+    leaves = [x.double().detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    tensors = [*(x for x in leaves if x.requires_grad), *module.parameters()]
+    generator = torch.Generator().manual_seed(21)
+    weights = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in tensors]
+    projection: list[Tensor] = []
+
+    def projected_gradient(create_graph: bool) -> Tensor:
+        out = first(module(*leaves, **kwargs))
+        if not projection:
+            projection.append(noise(out.shape, out, seed=22))
+        grads = torch.autograd.grad(
+            (out * projection[0]).sum(), tensors, create_graph=create_graph, allow_unused=True
+        )
+        return sum(
+            ((g * w).sum() for g, w in zip(grads, weights) if g is not None), torch.zeros((), dtype=out.dtype)
+        )
+
+    second = torch.autograd.grad(projected_gradient(True), tensors, allow_unused=True)
+
+    def central_difference(direction: list[Tensor], step: float) -> float:
+        with torch.no_grad():
+            for t, u in zip(tensors, direction):
+                t.add_(step * u)
+        plus = projected_gradient(False)
+        with torch.no_grad():
+            for t, u in zip(tensors, direction):
+                t.sub_(2 * step * u)
+        minus = projected_gradient(False)
+        with torch.no_grad():
+            for t, u in zip(tensors, direction):
+                t.add_(step * u)
+        return float(plus - minus) / (2 * step)
+
+    for _ in range(6):
+        direction = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in tensors]
+        terms = [g * u for g, u in zip(second, direction) if g is not None]
+        analytic = float(sum((t.sum() for t in terms), torch.zeros((), dtype=torch.float64)))
+        tolerance = (
+            1e-5 * float(sum((t.abs().sum() for t in terms), torch.zeros((), dtype=torch.float64))) + 1e-6
+        )
+        # smaller steps than the first-order property's: a kink crossed moves a gradient by O(1)
+        numeric = central_difference(direction, 1e-7)
+        if abs(numeric - central_difference(direction, 3e-8)) > tolerance:
+            continue  # a kink between the points: not this direction
+        assert abs(analytic - numeric) <= tolerance, (
+            f"{case.spec.name}: double backward gives {analytic:.8g} along u, the central difference "
+            f"of the gradients {numeric:.8g} (tolerance {tolerance:.2g})"
+        )
+        return
+    pytest.fail(f"{case.spec.name}: the gradient is not smooth in six random directions")
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_per_sample_gradients_with_torch_func(case: Case) -> None:
     """``vmap(grad(loss))`` over the batch (torch.func's per-sample gradients, as differential

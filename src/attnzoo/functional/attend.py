@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from attnzoo._checks import autocast_enabled, check_mask
+from attnzoo._tracing import is_eager
 from attnzoo.functional.softmax import additive_mask_for, masked_softmax
 
 __all__ = [
@@ -402,6 +403,132 @@ class _KeptWeightsAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float, scale: float
+) -> Tensor:
+    """``scaled_dot_product_attention``, causal in the kernel's own mode (then ``mask`` is None)."""
+    if causal:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+#: the CPU flash kernel SDPA dispatches to, forward and backward (absent from some builds)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _TwiceDifferentiableSDPA(torch.autograd.Function):
+    """The fused kernel, forward and backward, whose backward is itself differentiable.
+
+    The fused kernels have no double backward (torch raises "derivative for
+    _scaled_dot_product_flash_attention_for_cpu_backward is not implemented"): a gradient
+    penalty (R1, WGAN-GP) through a self-attention discriminator, second-order meta-learning and
+    Hessian-vector products stop there, in torch's own MultiheadAttention too. Here a first-order
+    backward is the fused kernel's own, and under ``create_graph`` the backward is formed from the
+    explicit weights ``softmax(q k^T s + mask)``, differentiable to any order (N_q x N_k memory,
+    only then). Without dropout only (its random mask cannot be replayed).
+
+    On the CPU (outside autocast, whose casts SDPA's entry point applies) the forward and
+    backward call the flash kernel SDPA dispatches to, keeping what SDPA keeps (q, k, v, the
+    output, the log-sum-exp). Elsewhere (CUDA's several kernels, a mask that needs a gradient) the
+    forward runs SDPA on detached aliases under ``enable_grad`` and keeps that small graph; the
+    backward runs it once and frees it (a second backward of a retained graph forms it again).
+    The Function costs ~0.1-0.2 ms of Python per training call on a 2-core CPU (against ~0.25 ms
+    for SDPA's whole step at B 1, N 4): nothing beside the products of real sizes.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        causal: bool,
+        scale: float,
+    ) -> Tensor:
+        ctx.options = (causal, scale)  # type: ignore[attr-defined]
+        ctx.kernel_graph = None  # type: ignore[attr-defined]
+        if _calls_cpu_flash(q, mask):
+            # the kernel's mask is additive: SDPA turns a bool one into 0 / -inf the same way
+            additive = None if mask is None else additive_mask_for(_as_additive(mask, q.dtype), q.dtype)
+            try:
+                out, logsumexp = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=additive, scale=scale)  # type: ignore[misc]
+            except RuntimeError:  # operands SDPA would send to its math path: the general route below
+                pass
+            else:
+                ctx.save_for_backward(q, k, v, mask, additive, out, logsumexp)
+                return out  # type: ignore[no-any-return]
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.kernel_graph = _kernel_graph(q, k, v, mask, causal, scale)  # type: ignore[attr-defined]
+        return ctx.kernel_graph[1].detach()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, v, mask = saved[:4]
+        causal, scale = ctx.options  # type: ignore[attr-defined]
+        inputs = (q, k, v, mask)
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph: the explicit weights, differentiable again
+            ctx.kernel_graph = None  # type: ignore[attr-defined]
+            logits = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., N_q, N_k)
+            allowed = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else mask
+            out = torch.matmul(masked_softmax(logits, allowed).to(v.dtype), v)
+            grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True)
+        elif len(saved) == 7:  # the CPU flash kernel's own backward
+            additive, out, logsumexp = saved[4:]
+            grads_qkv = _CPU_FLASH_BACKWARD(  # type: ignore[misc]
+                grad_out.contiguous(), q, k, v, out, logsumexp, 0.0, causal, attn_mask=additive, scale=scale
+            )
+            grads = [grads_qkv[i] for i in wanted]
+        else:
+            graph = ctx.kernel_graph or _kernel_graph(q, k, v, mask, causal, scale)  # type: ignore[attr-defined]
+            ctx.kernel_graph = None  # type: ignore[attr-defined]  # freed now, as autograd frees its own
+            aliases, out = graph
+            grads = torch.autograd.grad(out, [aliases[i] for i in wanted], grad_out)
+        result: list[Tensor | None] = [None] * 6
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
+
+
+def _calls_cpu_flash(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether :class:`_TwiceDifferentiableSDPA` calls the CPU flash kernel directly: a CPU call
+    outside autocast, with a mask (if any) that needs no gradient (the kernel gives none), while
+    the flash backend is enabled (``torch.nn.attention.sdpa_kernel`` may turn it off)."""
+    return (
+        _CPU_FLASH is not None
+        and _CPU_FLASH_BACKWARD is not None
+        and q.device.type == "cpu"
+        and torch.backends.cuda.flash_sdp_enabled()  # (it rules the CPU kernel too) as SDPA does
+        and not autocast_enabled(q.device)
+        and (mask is None or not mask.requires_grad)
+    )
+
+
+def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True = may attend) as 0 / -inf in ``dtype``; a floating one as it is."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _kernel_graph(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float
+) -> tuple[tuple[Tensor | None, ...], Tensor]:
+    """The fused kernel on detached aliases of q, k, v (and a mask that needs a gradient), under
+    ``enable_grad``: (the aliases, the output), the output's graph the kernel's own."""
+    with torch.enable_grad():
+        aliases = tuple(
+            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, mask)
+        )
+        out = _sdpa(aliases[0], aliases[1], aliases[2], aliases[3], causal, 0.0, scale)  # type: ignore[arg-type]
+    return aliases, out
+
+
 def _keeps_weights(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     """Whether a training step of unmasked attention keeps its weights instead of running the
     fused kernel: heads at least 256 wide, at most 512 queries and keys, float32 or float64, no
@@ -444,11 +571,17 @@ def _fused_kernel(
         return _KeptWeightsAttention.apply(q, k, v, scale)[0]
     # the fused kernels turn a NaN score row into zeros (or finite values, for an Inf query)
     query_nan = _nan_carrier(q.detach())  # (B, h, N_q, 1)
-    if causal:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    if dropout_p == 0.0 and _needs_graph(q, k, v, mask) and is_eager(q):
+        # a backward that is differentiable again (gradient penalties, second-order methods)
+        out = _TwiceDifferentiableSDPA.apply(q, k, v, mask, causal, scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        out = _sdpa(q, k, v, mask, causal, dropout_p, scale)
     return _carry_nan(out, query_nan)
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on and one of them needs one)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0) -> Tensor:
