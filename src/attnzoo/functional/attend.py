@@ -481,7 +481,7 @@ class _TwiceDifferentiableSDPA(torch.autograd.Function):
         elif len(saved) == 7:  # the CPU flash kernel's own backward
             additive, out, logsumexp = saved[4:]
             grads_qkv = _CPU_FLASH_BACKWARD(  # type: ignore[misc]
-                grad_out.contiguous(), q, k, v, out, logsumexp, 0.0, causal, attn_mask=additive, scale=scale
+                grad_out, q, k, v, out, logsumexp, 0.0, causal, attn_mask=additive, scale=scale
             )
             grads = [grads_qkv[i] for i in wanted]
         else:
