@@ -305,3 +305,24 @@ def test_half_precision_per_sample_gradients_with_torch_func():
         scale = max(float(want.float().abs().max()) for want in expected)
         for name, want in zip(leaves, expected):
             assert (per_image[name][i].float() - want.float()).abs().max() <= 2e-2 * scale, name
+
+
+def test_half_precision_backward_gets_no_zero_filled_weight_gradients(monkeypatch):
+    """The half-precision Function returns the two weight maps as outputs only to keep them; their
+    gradients must reach its backward as None, not as two zero-filled map-sized buffers at the
+    backward's peak (autograd's default for outputs nothing differentiates)."""
+    from attnzoo.vision.criss_cross import _HalfPrecisionCrissCross
+
+    received = []
+    backward = _HalfPrecisionCrissCross.backward
+
+    def recording(ctx, grad, grad_col, grad_row):
+        received.append((grad_col, grad_row))
+        return backward(ctx, grad, grad_col, grad_row)
+
+    monkeypatch.setattr(_HalfPrecisionCrissCross, "backward", staticmethod(recording))
+    module = CrissCrossAttention(16).to(torch.bfloat16)
+    x = torch.randn(1, 16, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    module(x).float().sum().backward()
+    assert received and all(pair == (None, None) for pair in received)  # one per recurrence
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()

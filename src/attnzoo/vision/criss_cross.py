@@ -181,6 +181,7 @@ class _HalfPrecisionCrissCross(torch.autograd.Function):
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
         _, attn_col, attn_row = output
         ctx.mark_non_differentiable(attn_col, attn_row)
+        ctx.set_materialize_grads(False)  # None for the weights' gradients, not two zero-filled maps
         ctx.save_for_backward(*inputs, attn_col, attn_row)
 
     @staticmethod
