@@ -223,7 +223,8 @@ def test_gradients_are_the_derivative(case: Case, mode: str) -> None:
     Non-zero gradients (the property above) can still be wrong: a hand-written backward, a wrong
     saved tensor, or a kernel's bug on some layout (torch 2.13's CPU BatchNorm backward on a
     (B, C, N, 1) view of transposed tokens returned the bias gradient / N, in both modes, for
-    non_local, dnl and glore). In both modes: eval-mode normalisation and fast paths differ.
+    non_local and dnl; glore's on channels-last inputs, the property below). In both modes:
+    eval-mode normalisation and fast paths differ.
 
     A ReLU or a max between p - e u and p + e u (a kink) bends the difference: two step sizes
     must agree before it counts, else another direction is drawn. A real error is the same at
@@ -744,6 +745,51 @@ def test_channels_last_input_gives_the_same_output(case: Case) -> None:
     )
     with torch.no_grad():
         assert_close(first(module(*strided, **kwargs)), first(module(*inputs, **kwargs)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_channels_last_input_gives_the_same_gradients(case: Case, mode: str) -> None:
+    """A training step on a channels-last input gives the gradients of the contiguous one, for the
+    input and every parameter, with the output's gradient in the input's layout (as the next layer
+    of such a network hands it back). Kernels pick their backward by the layouts they see: torch
+    2.13's CPU BatchNorm misread a (B, C, N, 1) view of transposed tokens against a gradient of
+    another layout, so non_local and dnl had wrong gradients on contiguous inputs and glore on
+    channels-last ones; each layout must be checked, float64."""
+    case.skip_unless_applies("gradients")
+    x = case.spec.example_inputs(case.sizes(batch=1))[0]
+    if x.dim() != 4 or case.spec.channel_dim != 1:
+        pytest.skip("not a (B, C, H, W) module")
+    module, inputs, kwargs = case.build()
+    module = module.double().train(mode == "train")
+    buffers = [(b, b.clone()) for b in module.buffers()]
+
+    def step(channels_last: bool) -> list[Tensor]:
+        with torch.no_grad():
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
+        layouts = {4: torch.channels_last, 5: torch.channels_last_3d} if channels_last else {}
+        leaves = [
+            t.double()
+            .contiguous(memory_format=layouts.get(t.dim(), torch.contiguous_format))
+            .requires_grad_()
+            if t.is_floating_point()
+            else t
+            for t in inputs
+        ]
+        out = first(module(*leaves, **kwargs))
+        tensors = [*(t for t in leaves if t.requires_grad), *module.parameters()]
+        # the output's gradient in the input's layout, as the next layer of a channels-last network
+        # hands it back
+        projection = noise(out.shape, out, seed=5)
+        projection = projection.contiguous(memory_format=layouts.get(out.dim(), torch.contiguous_format))
+        grads = torch.autograd.grad((out * projection).sum(), tensors, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+    contiguous = step(False)
+    if not all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(step(False), contiguous)):
+        pytest.skip(f"the forward is random in {mode} mode (dropout, sampled gates or noise)")
+    for a, b in zip(step(True), contiguous):
+        assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def _strided_copy(x: Tensor) -> Tensor:
