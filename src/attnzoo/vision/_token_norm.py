@@ -62,9 +62,10 @@ def apply_token_norm(norm: nn.Module, tokens: Tensor) -> Tensor:
 
     (B, C, 1, N), not (B, C, N, 1): the blocks' tokens are the transpose of a (B, N, C) product,
     and ``unsqueeze(-1)`` of that gives a map whose strides are neither contiguous nor canonical
-    channels-last (the size-1 W gets stride 1, not C). torch 2.13's CPU BatchNorm backward takes
-    such a map for channels-last and returns wrong gradients for the input, the weight and the
-    bias (the bias's was 1/N of the true one), in training and in eval; the forward is right.
+    channels-last (the size-1 W gets stride 1, not C). Given such a map and a gradient of another
+    layout, torch 2.13's CPU BatchNorm backward returns wrong gradients for the input, the weight
+    and the bias (the bias's was 1/N of the true one), in training and in eval; the forward is
+    right. non_local and dnl met it on contiguous inputs, glore on channels-last ones.
     ``unsqueeze(2)`` gives the canonical channels-last strides (N C, 1, N C, C), which every
     kernel reads correctly, and the same statistics (a norm over (B, H W) or per (C, H W) group).
     """
