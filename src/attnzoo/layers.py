@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from attnzoo._checks import check_positive
+from attnzoo._tracing import forward_ad_active
 
 __all__ = [
     "HardSigmoid",
@@ -21,6 +22,7 @@ __all__ = [
     "create_norm",
     "linear_parameters",
     "make_divisible",
+    "norm_input",
     "plain_layer",
     "reduced_width",
 ]
@@ -112,6 +114,16 @@ def create_norm(
     if not isinstance(layer, nn.Module):
         raise TypeError(f"{argument}: the factory returned {type(layer).__name__}, not an nn.Module")
     return layer
+
+
+def norm_input(x: Tensor) -> Tensor:
+    """``x`` for a user-chosen norm layer: contiguous where a forward-mode AD level is open.
+
+    torch 2.13's forward derivative of ``group_norm`` views its input and raises ("view size is
+    not compatible with input tensor's size and stride") on channels-last maps, which a module's
+    own re-layouts produce (tokens viewed back as a map). Elsewhere ``x`` itself: no copy.
+    """
+    return x.contiguous() if forward_ad_active() else x
 
 
 def make_divisible(

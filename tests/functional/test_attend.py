@@ -538,3 +538,59 @@ def test_fused_path_backward_twice_and_under_checkpoint():
     checkpointed = checkpoint(lambda q, k, v: attend(q, k, v), q, k, v, use_reentrant=False)
     for g, e in zip(torch.autograd.grad(checkpointed.square().sum(), (q, k, v)), expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("masking", ["none", "bool", "additive", "causal", "fully_masked_row"])
+def test_fused_path_has_forward_derivatives(masking):
+    """Forward-mode AD through the fused path (the kernels have none of their own): gradcheck's
+    forward-mode Jacobian against finite differences, for q, k, v, with every mask kind, and a
+    fully masked row that stays zero with a zero tangent."""
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (
+        torch.randn(2, 2, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
+    mask = None
+    if masking == "bool":
+        mask = torch.rand(2, 1, 5, 5, generator=generator) < 0.7
+        mask[..., 0] = True
+    elif masking == "additive":
+        mask = torch.randn(1, 2, 5, 5, generator=generator, dtype=torch.float64)
+    elif masking == "fully_masked_row":
+        mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+        mask[:, :, 1] = False
+
+    def f(q, k, v):
+        return attend(q, k, v, mask=mask, causal=masking == "causal")
+
+    assert torch.autograd.gradcheck(f, (q, k, v), check_forward_ad=True, check_backward_ad=False)
+    if masking == "fully_masked_row":
+        tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+        out, derivative = torch.func.jvp(f, (q, k, v), tangents)
+        assert out[:, :, 1].abs().max() == 0 and derivative[:, :, 1].abs().max() == 0
+
+
+def test_hessian_through_the_fused_path_and_mha():
+    """``torch.func.hessian`` (forward over reverse) equals the reverse-over-reverse Hessian, for
+    attend and for a whole mha module in training mode (its fused fast path)."""
+    from attnzoo.sequence.mha import MultiheadAttention
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 4, 3, generator=generator, dtype=torch.float64) for _ in range(3))
+    weights = torch.randn(1, 2, 4, 3, generator=generator, dtype=torch.float64)
+
+    def loss(q):
+        return (attend(q, k, v, causal=True) * weights).sum()
+
+    torch.testing.assert_close(torch.func.hessian(loss)(q), torch.func.jacrev(torch.func.jacrev(loss))(q))
+    torch.manual_seed(0)
+    mha = MultiheadAttention(8, 2).double()
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    out_weights = torch.randn(1, 3, 8, dtype=torch.float64)
+
+    def module_loss(x):
+        return (mha(x) * out_weights).sum()
+
+    hessian = torch.func.hessian(module_loss)(x)
+    assert hessian.shape == (1, 3, 8, 1, 3, 8)
+    torch.testing.assert_close(hessian, torch.func.jacrev(torch.func.jacrev(module_loss))(x))

@@ -93,6 +93,36 @@ def test_zero_offsets_sample_a_dilated_grid():
     torch.testing.assert_close(deformed_tap(x, offsets, 1, 4)[..., :-1], (x[..., :-1] + x[..., 1:]) / 2)
 
 
+def test_forward_mode_sampling_is_grid_sample():
+    """Under forward-mode AD (grid_sample has no forward derivative) the taps are sampled by
+    gathering the four corners: the same samples as grid_sample at points inside, across the
+    border and outside the map, with the same derivatives in the map and the coordinates."""
+    from torch.autograd import forward_ad
+
+    from attnzoo.functional.global_reasoning import _bilinear_samples
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 5, 7, generator=generator, dtype=torch.float64)
+    # pixel coordinates from two pixels outside the map to two beyond it
+    y = torch.rand(2, 4, 6, generator=generator, dtype=torch.float64) * 9 - 2
+    xx = torch.rand(2, 4, 6, generator=generator, dtype=torch.float64) * 11 - 2
+
+    def grid_sampled(x, y, xx):
+        grid = torch.stack([(2 * xx + 1) / 7 - 1, (2 * y + 1) / 5 - 1], dim=-1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    torch.testing.assert_close(_bilinear_samples(x, y, xx), grid_sampled(x, y, xx), rtol=1e-12, atol=1e-12)
+    tangents = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (x, y, xx)]
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t, u) for t, u in zip((x, y, xx), tangents)]
+        derivative = forward_ad.unpack_dual(_bilinear_samples(*duals)).tangent
+    leaves = [t.clone().requires_grad_() for t in (x, y, xx)]
+    w = torch.randn(2, 3, 4, 6, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad((grid_sampled(*leaves) * w).sum(), leaves)
+    # the dot-product test against grid_sample's reverse mode: w^T (J u) = (J^T w)^T u
+    torch.testing.assert_close((derivative * w).sum(), sum((g * u).sum() for g, u in zip(grads, tangents)))
+
+
 def test_fourth_branch_reads_its_own_affinity_channels():
     # the official code slices branch 4's affinity from its filter logits: its own 9 affinity
     # channels then change nothing. Here they must matter; in the official variant they must not.

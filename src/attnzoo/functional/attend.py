@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from attnzoo._checks import autocast_enabled, check_mask
-from attnzoo._tracing import is_eager
+from attnzoo._tracing import differentiates_twice, is_eager
 from attnzoo.functional.softmax import additive_mask_for, masked_softmax
 
 __all__ = [
@@ -565,6 +565,10 @@ def _fused_kernel(
     """``scaled_dot_product_attention`` on 4-D operands; causal alone in the kernel's own mode.
     Unmasked training steps with wide heads and short sequences keep their weights instead
     (:func:`_keeps_weights`). A NaN or Inf query gives a NaN output row either way."""
+    if differentiates_twice():
+        # forward-mode AD or torch.func's grad of grad: the fused kernels have neither a forward
+        # derivative nor a double backward; the same function as plain operators has both
+        return _plain_attention(q, k, v, mask, causal, dropout_p, scale)
     if mask is None and not causal and _keeps_weights(q, k, v, dropout_p):
         # an Inf or NaN in q_i makes every logit of row i NaN or +-Inf, and its softmax NaN: the
         # row carries it without the carrier's out-of-place add (an output-sized buffer a step)
@@ -577,6 +581,20 @@ def _fused_kernel(
     else:
         out = _sdpa(q, k, v, mask, causal, dropout_p, scale)
     return _carry_nan(out, query_nan)
+
+
+def _plain_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float, scale: float
+) -> Tensor:
+    """:func:`_fused_kernel`'s function as plain operators, differentiable in every mode and to
+    any order: the explicit weights (N_q x N_k per head), a fully masked row zero, a NaN query
+    row NaN."""
+    # (B, h, N_q, D) @ (B, h, D, N_k) -> (B, h, N_q, N_k)
+    logits = torch.matmul(q, k.transpose(-2, -1)) * scale
+    weights = masked_softmax(logits, merge_masks(mask, causal, q.shape[-2], k.shape[-2], q.device))
+    weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    out = weights.to(v.dtype) @ v  # (B, h, N_q, N_k) @ (B, h, N_k, D) -> (B, h, N_q, D)
+    return out + _nan_carrier(q.detach()).to(out.dtype)
 
 
 def _needs_graph(*tensors: Tensor | None) -> bool:

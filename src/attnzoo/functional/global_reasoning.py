@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnzoo._tracing import forward_ad_active
 from attnzoo.functional.softmax import compute_dtype, masked_softmax, softmax_
 
 __all__ = [
@@ -392,7 +393,30 @@ def deformed_tap(x: Tensor, offsets: Tensor, dilation: int, tap: int, kernel: in
     offset_y, offset_x = (offsets if offsets.shape[1] == 2 else offsets[:, 2 * tap : 2 * tap + 2]).unbind(1)
     y = rows + dilation * i + offset_y.to(dtype)  # (B, H, W)
     xx = cols + dilation * j + offset_x.to(dtype)
+    if forward_ad_active():  # grid_sample has no forward derivative (jvp, jacfwd, hessian)
+        return _bilinear_samples(x.to(dtype), y, xx).to(x.dtype)
     # pixel index -> grid_sample's [-1, 1] with align_corners=False (pixel centres at (2 p + 1) / S - 1)
     grid = torch.stack([(2 * xx + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)  # (B, H, W, 2)
     sampled = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return sampled.to(x.dtype)
+
+
+def _bilinear_samples(x: Tensor, y: Tensor, xx: Tensor) -> Tensor:
+    """``grid_sample``'s bilinear sampling with zero padding, in plain operators (every one with a
+    forward derivative): the map ``x`` (B, C, H, W) at the pixel coordinates ``(y, xx)`` (B, H', W')
+    each; a corner outside the map reads zero. Returns (B, C, H', W')."""
+    batch, channels, height, width = x.shape
+    flat = x.reshape(batch, channels, height * width)  # (B, C, H, W) -> (B, C, HW)
+    top, left = torch.floor(y), torch.floor(xx)
+    # the fractions carry the derivative in the coordinates; floor's is zero
+    frac_y, frac_x = y - top, xx - left
+    out = x.new_zeros(batch, channels, *y.shape[1:])
+    for row, weight_y in ((top, 1 - frac_y), (top + 1, frac_y)):
+        for col, weight_x in ((left, 1 - frac_x), (left + 1, frac_x)):
+            inside = (row >= 0) & (row <= height - 1) & (col >= 0) & (col <= width - 1)
+            index = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).long()  # (B, H', W')
+            # (B, 1, H'W') -> (B, C, H'W'): the same pixel of every channel
+            gathered = flat.gather(2, index.flatten(1).unsqueeze(1).expand(batch, channels, -1))
+            weight = torch.where(inside, weight_y * weight_x, 0.0).unsqueeze(1)  # (B, 1, H', W')
+            out = out + gathered.view_as(out) * weight
+    return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo.layers import NormLayer, create_norm
+from attnzoo.layers import NormLayer, create_norm, norm_input
 
 __all__ = ["apply_token_norm", "create_token_norm", "zero_init_last_norm"]
 
@@ -68,8 +68,9 @@ def apply_token_norm(norm: nn.Module, tokens: Tensor) -> Tensor:
     right. non_local and dnl met it on contiguous inputs, glore on channels-last ones.
     ``unsqueeze(2)`` gives the canonical channels-last strides (N C, 1, N C, C), which every
     kernel reads correctly, and the same statistics (a norm over (B, H W) or per (C, H W) group).
+    Under forward-mode AD the map is made contiguous (:func:`~attnzoo.layers.norm_input`).
     """
-    return norm(tokens.unsqueeze(2)).squeeze(2)  # (B, C, N) -> (B, C, 1, N) -> (B, C, N)
+    return norm(norm_input(tokens.unsqueeze(2))).squeeze(2)  # (B, C, N) -> (B, C, 1, N) -> (B, C, N)
 
 
 def zero_init_last_norm(norm: nn.Module, projection: nn.Module) -> None:

@@ -18,7 +18,7 @@ from attnzoo._checks import check_input, check_positive, check_variant, paramete
 from attnzoo._tracing import is_eager
 from attnzoo.functional.global_reasoning import covers_map, point_wise_attention_, point_wise_logits
 from attnzoo.functional.softmax import masked_softmax, softmax_
-from attnzoo.layers import NormLayer, create_norm, reduced_width
+from attnzoo.layers import NormLayer, create_norm, norm_input, reduced_width
 from attnzoo.registry import Paper, Sample, image_input, register
 from attnzoo.vision._spatial import from_tokens, to_tokens
 
@@ -244,7 +244,8 @@ class PointwiseSpatialAttention(nn.Module):
             contexts.append(context)
             if weights is not None:
                 maps[name] = weights
-        projected = self.proj(torch.cat(contexts, dim=1))  # (B, C, h, w)
+        # the contexts are channels-last views of tokens: contiguous for the norm under forward AD
+        projected = self.proj(norm_input(torch.cat(contexts, dim=1)))  # (B, C, h, w)
         if self.shrink_factor != 1:
             projected = F.interpolate(projected, size=x.shape[2:], mode="bilinear", align_corners=True)
         out = self.fuse(torch.cat([x, projected], dim=1))
