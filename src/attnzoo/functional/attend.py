@@ -311,24 +311,31 @@ def _zero_padded_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
 
 
 def _nan_carrier(q: Tensor) -> Tensor:
-    """(..., N_q, 1): 0 for each query row that is finite, NaN for one holding a NaN or an Inf.
+    """(..., N_q, 1): for each query row a value that is finite where the row is and NaN or Inf
+    where it holds a NaN or an Inf; :func:`_carry_nan` adds it times zero to the output row.
 
-    ``s - s`` of the row's sum ``s``: one read of q at O(N_q D), next to the attention's
-    O(N_q N_k D), without the q-sized temporary of ``sum(q - q)`` (profiled on mha's q, B 8, h 8,
-    d 64, N 1024: 7.6 -> 4.6 ms in float32, 2.3 -> 1.5 ms in bfloat16). float16 rows are summed in
-    float32, so that 64 entries of 6e4 do not overflow to Inf (and so to NaN); float32 and bfloat16
-    sums accumulate in float32 and overflow only for rows summing past 3.4e38 in magnitude
-    (entries near 1e37 at D = 64), which then read as non-finite.
+    The row's sum: one read of q at O(N_q D), next to the attention's O(N_q N_k D), without a
+    q-sized temporary (profiled on mha's q, B 8, h 8, d 64, N 1024: ``sum(q - q)`` took 7.6 ms
+    where this takes 4.6, in float32). Detached where q needs a gradient (the carrier is
+    constant in q wherever it is finite; its backward would be a q-sized expand and add). A
+    float16 row sums in float32, so that 64 entries of 6e4 do not overflow to Inf, and gives its
+    0 or NaN (``s - s``) in float16; float32 and bfloat16 sums accumulate in float32 and overflow
+    only for rows summing past 3.4e38 in magnitude (entries near 1e37 at D = 64), which then read
+    as non-finite.
     """
-    total = q.sum(dim=-1, keepdim=True, dtype=torch.float32 if q.dtype == torch.float16 else None)
-    return total - total
+    source = q.detach() if q.requires_grad else q
+    if q.dtype == torch.float16:
+        total = source.sum(dim=-1, keepdim=True, dtype=torch.float32)
+        return (total - total).to(q.dtype)
+    return source.sum(dim=-1, keepdim=True)
 
 
-def _carry_nan(out: Tensor, query_nan: Tensor) -> Tensor:
-    """``out + query_nan``: in place where autograd records nothing (an out-of-place add would hold
-    a second output-sized buffer at the call's memory peak, in inference)."""
-    nan = query_nan if query_nan.dtype == out.dtype else query_nan.to(out.dtype)
-    return out + nan if out.requires_grad else out.add_(nan)
+def _carry_nan(out: Tensor, carrier: Tensor) -> Tensor:
+    """``out + 0 * carrier`` (0 for a finite row, NaN for one holding a NaN or an Inf: 0 * Inf is
+    NaN), as one add with ``alpha=0``; in place where autograd records nothing (an out-of-place
+    add would hold a second output-sized buffer at the call's memory peak, in inference)."""
+    carrier = carrier if carrier.dtype == out.dtype else carrier.to(out.dtype)
+    return torch.add(out, carrier, alpha=0) if out.requires_grad else out.add_(carrier, alpha=0)
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -574,7 +581,7 @@ def _fused_kernel(
         # row carries it without the carrier's out-of-place add (an output-sized buffer a step)
         return _KeptWeightsAttention.apply(q, k, v, scale)[0]
     # the fused kernels turn a NaN score row into zeros (or finite values, for an Inf query)
-    query_nan = _nan_carrier(q.detach())  # (B, h, N_q, 1)
+    query_nan = _nan_carrier(q)  # (B, h, N_q, 1)
     if dropout_p == 0.0 and _needs_graph(q, k, v, mask) and is_eager(q):
         # a backward that is differentiable again (gradient penalties, second-order methods)
         out = _TwiceDifferentiableSDPA.apply(q, k, v, mask, causal, scale)
@@ -594,7 +601,7 @@ def _plain_attention(
     weights = masked_softmax(logits, merge_masks(mask, causal, q.shape[-2], k.shape[-2], q.device))
     weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     out = weights.to(v.dtype) @ v  # (B, h, N_q, N_k) @ (B, h, N_k, D) -> (B, h, N_q, D)
-    return out + _nan_carrier(q.detach()).to(out.dtype)
+    return _carry_nan(out, _nan_carrier(q))
 
 
 def _needs_graph(*tensors: Tensor | None) -> bool:
@@ -687,9 +694,7 @@ def attend_with_weights(
         out = out[..., :width_v] if v.shape[-1] != width_v else out
         return Attended(out, None)
 
-    # Detached: s - s is constant in q wherever it is finite, and its backward (a q-sized expand and
-    # add into q's gradient) would cost 0.8 of 80 ms a training step at B 8, N 512, d 256.
-    query_nan = _nan_carrier(q.detach())  # (..., N_q, 1)
+    query_nan = _nan_carrier(q)  # (..., N_q, 1)
     weights = attention_weights(
         q,
         k,
@@ -705,7 +710,7 @@ def attend_with_weights(
     )
     dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     out = dropped.to(v.dtype) @ v  # (..., N_q, N_k) @ (..., N_k, D_v) -> (..., N_q, D_v)
-    return Attended(out + query_nan.to(out.dtype), weights if return_weights else None)
+    return Attended(_carry_nan(out, query_nan), weights if return_weights else None)
 
 
 def _attend_node(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> tuple[Tensor, Tensor | None]:
