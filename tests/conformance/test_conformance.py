@@ -1274,6 +1274,42 @@ def test_compile_fullgraph_aot_eager(thorough: Case) -> None:
 
 
 @pytest.mark.slow
+def test_compiled_training_step_is_the_eager_one(spec: ModuleSpec) -> None:
+    """A training step of the compiled module (``fullgraph=True``, a dynamic batch, aot_eager:
+    dynamo's graph and AOTAutograd's backward) gives eager's output and gradients, of every
+    parameter and floating input, at two batch sizes. The eager-only paths (hand-written
+    backwards, in-place buffers) give way to plain operators inside the graph; this checks that
+    both compute the same, in training mode, where the inference compile property above does
+    not look."""
+    case = Case(spec, spec.all_samples()[0])
+    module, _, _ = case.build()
+    module.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    for batch in (2, 3):
+        _, inputs, kwargs = case.build(batch=batch)
+        results = []
+        for fn in (module, compiled):
+            module.load_state_dict(buffers, strict=False)  # the same running statistics for both
+            leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
+            if fn is compiled and spec.batch_dim is not None:
+                for x in leaves:  # a dynamic batch (every size dynamic makes the window loops slow)
+                    torch._dynamo.mark_dynamic(x, spec.batch_dim)
+            torch.manual_seed(3)  # the same dropout masks and sampled gates
+            out = first(fn(*leaves, **kwargs))
+            targets = [*(x for x in leaves if x.requires_grad), *module.parameters()]
+            loss = (out * noise(out.shape, out, seed=4)).sum()
+            results.append((out.detach(), torch.autograd.grad(loss, targets, allow_unused=True)))
+        (eager_out, eager_grads), (compiled_out, compiled_grads) = results
+        assert_close(compiled_out, eager_out)
+        for got, want in zip(compiled_grads, eager_grads):
+            assert (got is None) == (want is None), f"{spec.name}: a gradient reaches one and not the other"
+            if got is not None:
+                assert_close(got, want)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", INDUCTOR_NAMES)
 def test_compile_inductor(name: str) -> None:
     module, inputs, kwargs = Case(attnzoo.get_spec(name), Sample("default")).build()
