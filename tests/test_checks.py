@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import torch
 from torch import fx, nn
@@ -90,3 +93,40 @@ def test_parameter_dtype_is_that_of_the_first_floating_parameter_in_parameters_o
         if children:
             children[-1].double()
         assert parameter_dtype(module) == _first_floating_parameter_dtype(module), spec_name
+
+
+def test_check_pair():
+    from attnzoo._checks import check_pair
+
+    assert check_pair("mask_size", 5) == (5, 5)
+    assert check_pair("mask_size", [3, 7]) == (3, 7)
+    for bad in ("32", "ab", 2.5, 0, (3, 0), (1, 2, 3), (2.0, 3), None, True, (True, 2)):
+        with pytest.raises(ValueError, match=r"^mask_size: expected a positive integer or a pair"):
+            check_pair("mask_size", bad)
+
+
+def test_check_scalar_arguments():
+    """The wrapper checks the types of int and float arguments, bound as Python binds them
+    (positional or keyword), lets None through where the annotation allows it, and leaves a
+    missing or unknown argument to Python's own message."""
+    from attnzoo._checks import check_scalar_arguments
+
+    class Block:
+        @check_scalar_arguments
+        def __init__(self, channels: int, width: int | None = None, *, p: float = 0.0) -> None:
+            self.args = (channels, width, p)
+
+    assert Block(4, None, p=1).args == (4, None, 1)
+    assert Block(channels=4, width=2).args == (4, 2, 0.0)
+    for args, kwargs, message in [
+        (("4",), {}, "channels: expected an integer, got '4'"),
+        ((None,), {}, "channels: expected an integer, got None"),
+        ((True,), {}, "channels: expected an integer, got True"),
+        ((4, 2.5), {}, "width: expected an integer or None, got 2.5"),
+        ((4,), {"p": "0.1"}, "p: expected a number, got '0.1'"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            Block(*args, **kwargs)
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        Block()
+    assert inspect.signature(Block.__init__).parameters["channels"].annotation == "int"

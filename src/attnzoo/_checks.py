@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
@@ -15,7 +18,9 @@ __all__ = [
     "check_dtypes",
     "check_input",
     "check_mask",
+    "check_pair",
     "check_positive",
+    "check_scalar_arguments",
     "check_variant",
     "parameter_dtype",
 ]
@@ -239,3 +244,95 @@ def check_positive(**sizes: int | None) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def check_pair(name: str, value: object, hint: str = "(H, W)") -> tuple[int, int]:
+    """A size given as one positive integer (square) or a pair of them, as ``(a, b)``.
+
+    Example:
+        >>> check_pair("mask_size", 5), check_pair("mask_size", [3, 5])
+        ((5, 5), (3, 5))
+
+    Raises:
+        ValueError: anything else (a string, a float, 0, three sizes), naming the argument.
+    """
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    if (
+        isinstance(pair, (str, bytes))
+        or not isinstance(pair, Sequence)
+        or len(pair) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in pair)
+    ):
+        raise ValueError(f"{name}: expected a positive integer or a pair {hint} of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+#: scalar annotations of constructor arguments -> (the number type, whether None is allowed)
+_SCALAR_ANNOTATIONS: dict[object, tuple[type, bool]] = {
+    "int": (numbers.Integral, False),
+    "int | None": (numbers.Integral, True),
+    "float": (numbers.Real, False),
+    "float | None": (numbers.Real, True),
+    int: (numbers.Integral, False),
+    float: (numbers.Real, False),
+}
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def check_scalar_arguments(init: _Init) -> _Init:
+    """``init`` with the type of every argument annotated ``int`` or ``float`` (or ``| None``)
+    checked first: ``TypeError`` naming the argument, what was expected and what came.
+
+    Sizes such as ``channels=None``, ``embed_dim="64"`` or ``num_heads=2.5`` would otherwise fail
+    deep inside the constructor with Python's or torch's message about an operator ("unsupported
+    operand type(s) for *: 'NoneType' and 'float'"), or, for some, be accepted. bool is not a
+    number here (``channels=True``). The values' ranges (positive sizes, probabilities) stay with
+    each module, which knows them. The registry applies it to every registered class.
+
+    Example:
+        >>> class Block:
+        ...     @check_scalar_arguments
+        ...     def __init__(self, channels: int, p: float = 0.0) -> None: ...
+        >>> Block(None)
+        Traceback (most recent call last):
+        ...
+        TypeError: channels: expected an integer, got None
+    """
+    signature = inspect.signature(init)
+    checked = {
+        name: _SCALAR_ANNOTATIONS[parameter.annotation]
+        for name, parameter in signature.parameters.items()
+        if _hashable(parameter.annotation) and parameter.annotation in _SCALAR_ANNOTATIONS
+    }
+    if not checked:
+        return init
+
+    @functools.wraps(init)
+    def checked_init(*args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return init(*args, **kwargs)  # Python's own message for a missing or unknown argument
+        for name, value in bound.arguments.items():
+            expected = checked.get(name)
+            if expected is None:
+                continue
+            kind, optional = expected
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                noun = "an integer" if kind is numbers.Integral else "a number"
+                suffix = " or None" if optional else ""
+                raise TypeError(f"{name}: expected {noun}{suffix}, got {value!r}")
+        return init(*args, **kwargs)
+
+    return checked_init  # type: ignore[return-value]
+
+
+def _hashable(annotation: object) -> bool:
+    try:
+        hash(annotation)
+    except TypeError:
+        return False
+    return True

@@ -152,6 +152,7 @@ def reduced_width(
     Never returns 0: a 4-channel input with ``rd_ratio=1/16`` gets a width-1 bottleneck, where a
     bare ``channels // 16`` would build a layer with no units.
     """
+    check_positive(rd_divisor=rd_divisor)
     if rd_channels is not None:
         check_positive(rd_channels=rd_channels)
         return rd_channels

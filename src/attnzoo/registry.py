@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnzoo._checks import check_scalar_arguments
+
 __all__ = [
     "FAMILIES",
     "MAP_KINDS",
@@ -303,6 +305,8 @@ def register(
             **flags,
         )
         cls.registry_name = name  # type: ignore[attr-defined]
+        # a size of the wrong type is one clear TypeError, before the constructor uses it
+        cls.__init__ = check_scalar_arguments(cls.__init__)  # type: ignore[method-assign]
         return cls
 
     return decorator

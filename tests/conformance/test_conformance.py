@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import os
 import pickle
@@ -179,6 +180,45 @@ def test_factory_kwargs_reach_every_parameter(spec: ModuleSpec) -> None:
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         if t.is_floating_point():
             assert t.dtype == torch.float64, f"{spec.name}: dtype= does not reach {name}"
+
+
+#: integer constructor arguments for which 0 is meaningful (every other integer must be positive)
+ZERO_ALLOWED = {
+    ("aa_conv", "min_key_head_dim"): "0: no floor on the key width per head",
+    ("bam", "num_dilated"): "0: no dilated convs in the spatial branch",
+    ("cgnl", "order"): "0: the Gaussian kernel's Taylor expansion to its constant term",
+    ("graph_self_attention", "num_edge_types"): "0: no edge-type embeddings",
+    ("sag_mask", "num_convs"): "0: the attention directly on the RoI features",
+}
+
+
+def test_scalar_constructor_arguments_are_checked(spec: ModuleSpec) -> None:
+    """Every argument annotated ``int`` or ``float`` (optionally ``| None``) rejects a value of
+    the wrong type (a string, a bool, None where it is not optional, a float for an integer) with
+    a TypeError naming it, and every integer rejects -1, and 0 unless meaningful
+    (``ZERO_ALLOWED``), with a ValueError naming it. Before, ``channels=None`` failed inside the
+    constructor with "unsupported operand type(s) for *: 'NoneType' and 'float'", ``mask_size="32"``
+    built a module, and ``key_dim=0``, ``kdim=0`` or ``out_channels=0`` silently meant the default
+    (``key_dim or query_dim``)."""
+    kwargs = spec.make_kwargs(spec.default_sizes) if spec.make_kwargs else {}
+    for name, parameter in inspect.signature(spec.cls.__init__).parameters.items():
+        annotation = parameter.annotation
+        if annotation not in ("int", "int | None", "float", "float | None"):
+            continue
+        wrong_types: list[object] = ["8", True]
+        if "None" not in annotation:
+            wrong_types.append(None)
+        if annotation.startswith("int"):
+            wrong_types.append(2.5)
+        for value in wrong_types:
+            with pytest.raises(TypeError, match=f"^{name}: expected"):
+                spec.cls(**{**kwargs, name: value})
+        if not annotation.startswith("int"):
+            continue
+        out_of_range = [-1] if (spec.name, name) in ZERO_ALLOWED else [-1, 0]
+        for value in out_of_range:
+            with pytest.raises(ValueError, match=name):
+                spec.cls(**{**kwargs, name: value})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_mask, parameter_dtype
+from attnzoo._checks import check_input, check_mask, check_positive, parameter_dtype
 from attnzoo.functional.attend import SCORES, Score, and_masks, attend_with_weights, key_padding_to_mask
 from attnzoo.registry import (
     Paper,
@@ -114,6 +114,9 @@ class Attention(nn.Module):
         super().__init__()
         if score not in SCORES:
             raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+        check_positive(
+            query_dim=query_dim, key_dim=key_dim, attn_dim=attn_dim
+        )  # before `or`: 0 is no default
         key_dim = key_dim or query_dim
         if score in ("dot", "scaled_dot", "cosine") and key_dim != query_dim:
             raise ValueError(

@@ -87,9 +87,11 @@ class BahdanauAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_positive(
+            query_dim=query_dim, key_dim=key_dim, attn_dim=attn_dim
+        )  # before `or`: 0 is no default
         key_dim = key_dim or query_dim
         attn_dim = attn_dim or query_dim
-        check_positive(query_dim=query_dim, key_dim=key_dim, attn_dim=attn_dim)
         if init not in ("paper", "xavier"):
             raise ValueError(f"init: expected 'paper' or 'xavier', got {init!r}")
         self.query_dim, self.key_dim, self.attn_dim, self.init = query_dim, key_dim, attn_dim, init

@@ -131,9 +131,9 @@ class BilinearAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_positive(query_dim=query_dim, key_dim=key_dim, hidden_dim=hidden_dim)  # before `or`
         key_dim = key_dim or query_dim
         hidden_dim = hidden_dim or query_dim
-        check_positive(query_dim=query_dim, key_dim=key_dim, hidden_dim=hidden_dim)
         check_positive(glimpses=glimpses, rank=rank, joint_rank=joint_rank)
         check_variant(variant)
         self.query_dim, self.key_dim, self.hidden_dim = query_dim, key_dim, hidden_dim

@@ -49,8 +49,9 @@ class _LuongBase(nn.Module):
     ) -> None:
         if score not in scores:
             raise ValueError(f"score: expected one of {scores}, got {score!r}")
+        # before the defaults: `0 or query_dim` would take 0 for "not given"
+        check_positive(query_dim=query_dim, key_dim=key_dim, attn_dim=attn_dim, max_source_len=max_source_len)
         key_dim = key_dim or query_dim
-        check_positive(query_dim=query_dim, key_dim=key_dim)
         if score == "dot" and key_dim != query_dim:
             raise ValueError(
                 f"key_dim: score 'dot' needs key_dim == query_dim ({query_dim}), got {key_dim} "
@@ -333,7 +334,11 @@ class LuongLocalAttention(_LuongBase):
         check_variant(variant)
         sigma = window / 2 if sigma is None else sigma
         if mode == "local-p" and not sigma > 0:
-            raise ValueError(f"sigma: expected a positive standard deviation, got {sigma}")
+            raise ValueError(
+                f"sigma: expected a positive standard deviation (default window / 2), got {sigma} "
+                f"with window={window}"
+            )
+        check_positive(position_dim=position_dim)
         factory = {"device": device, "dtype": dtype}
         self._build(query_dim, key_dim, score, ("dot", "general", "concat"), attn_dim, bias, None, factory)
         self.mode, self.window, self.sigma, self.variant = mode, window, float(sigma), variant

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from attnzoo._checks import check_positive
 from attnzoo.functional.attend import attend_heads, attend_with_weights, causal_mask
 from attnzoo.functional.heads import (
     check_heads,
@@ -157,6 +158,7 @@ class MultiheadAttention(nn.Module):
         if not 0.0 <= dropout < 1.0 or not 0.0 <= out_dropout < 1.0:
             raise ValueError(f"dropout: expected probabilities in [0, 1), got {dropout}, {out_dropout}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
+        check_positive(kdim=kdim, vdim=vdim)  # before `or`: 0 is no default
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
         factory = {"device": device, "dtype": dtype}

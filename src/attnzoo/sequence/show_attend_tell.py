@@ -108,9 +108,9 @@ class ShowAttendTellAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_positive(hidden_dim=hidden_dim, feature_dim=feature_dim, attn_dim=attn_dim)  # before `or`
         feature_dim = feature_dim or hidden_dim
         attn_dim = attn_dim or feature_dim
-        check_positive(hidden_dim=hidden_dim, feature_dim=feature_dim, attn_dim=attn_dim)
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
         if not 0.0 <= expectation_prob <= 1.0:

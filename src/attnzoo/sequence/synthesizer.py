@@ -45,6 +45,7 @@ def _parse(synthesizer: str) -> tuple[str, ...]:
 
 def _factors(length: int, a: int | None, b: int | None) -> tuple[int, int]:
     """a x b >= length for the factorized dense synthesizer (a = ceil(sqrt(l)) by default)."""
+    check_positive(factor_a=a, factor_b=b)  # ceil-dividing by 0 would raise ZeroDivisionError
     if a is None and b is None:
         a = math.isqrt(length - 1) + 1
     if a is None:

@@ -28,6 +28,8 @@ def attention_widths(
     def per_heads(width: float) -> int:
         return max(num_heads, round(width / num_heads) * num_heads)
 
+    if min_key_head_dim < 0:
+        raise ValueError(f"min_key_head_dim: expected a width >= 0 (0: no floor), got {min_key_head_dim}")
     key_dim = max(per_heads(key_ratio * out_channels), min_key_head_dim * num_heads)
     return key_dim, per_heads(value_ratio * out_channels)
 

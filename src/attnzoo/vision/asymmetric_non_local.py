@@ -138,6 +138,7 @@ class AsymmetricNonLocal(nn.Module):
         self.channels, self.mode, self.variant = channels, mode, variant
         self.key_channels = key_channels or reduced_width(channels, 1 / 2)
         self.value_channels = value_channels or reduced_width(channels, 1 / 2)
+        check_positive(out_channels=out_channels)  # before `or`: 0 is no default
         self.out_channels = out_channels or channels
         self.low_channels = (low_channels or channels) if mode == "afnb" else None
         self.pool_sizes = tuple(int(s) for s in pool_sizes)

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_variant, parameter_dtype
+from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
 from attnzoo.functional.softmax import mean_of
 from attnzoo.layers import LayerSpec, NormLayer, call_layer, create_layer, create_norm
 from attnzoo.registry import Paper, Sample, image_input, register
@@ -157,6 +157,7 @@ class SpatialAttention(nn.Module):
         super().__init__()
         check_variant(variant)
         _check_norm_variant(norm_layer, variant)
+        check_positive(channels=channels)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd positive size, got {kernel_size}")
         self.channels, self.variant = channels, variant

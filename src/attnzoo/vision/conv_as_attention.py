@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from attnzoo._checks import check_input, check_positive, parameter_dtype
+from attnzoo._checks import check_input, check_pair, check_positive, parameter_dtype
 from attnzoo.registry import Paper, Sample, image_input, register
 
 __all__ = ["ConvAsAttention"]
@@ -161,19 +161,13 @@ class ConvAsAttention(nn.Module):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         check_positive(in_channels=in_channels, out_channels=out_channels, num_heads=num_heads)
-        strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
-        if len(strides) != 2:
-            raise ValueError(f"stride: expected s or (s_h, s_w), got {stride!r}")
-        check_positive(stride_h=strides[0], stride_w=strides[1])
+        strides = check_pair("stride", stride, "(s_h, s_w)")
         self.padding = _four_sides(padding)
         top, bottom, left, right = self.padding
         if window is None:
             windows = (1 + top + bottom, 1 + left + right)
         else:
-            windows = (window, window) if isinstance(window, int) else tuple(window)  # type: ignore[assignment]
-        if len(windows) != 2:
-            raise ValueError(f"window: expected w or (w_h, w_w), got {window!r}")
-        check_positive(window_h=windows[0], window_w=windows[1])
+            windows = check_pair("window", window, "(w_h, w_w)")
         self.in_channels, self.out_channels, self.num_heads = in_channels, out_channels, num_heads
         self.stride, self.window, self.centre_std = strides, windows, centre_std
         factory = {"device": device, "dtype": dtype}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo._checks import check_input, check_pair, check_positive, check_variant, parameter_dtype
 from attnzoo.functional.softmax import masked_softmax
 from attnzoo.layers import NormLayer, create_norm, reduced_width
 from attnzoo.registry import Paper, Sample, Sizes, example_image, register
@@ -104,9 +104,7 @@ class CrossAttentionModule(nn.Module):
     ) -> None:
         super().__init__()
         check_positive(channels=channels)
-        size = (spatial_size, spatial_size) if isinstance(spatial_size, int) else tuple(spatial_size)
-        if len(size) != 2 or min(size) <= 0:
-            raise ValueError(f"spatial_size: expected a positive int or (H, W), got {spatial_size!r}")
+        size = check_pair("spatial_size", spatial_size)
         if temperature <= 0:
             raise ValueError(f"temperature: expected a positive value, got {temperature}")
         check_variant(variant)

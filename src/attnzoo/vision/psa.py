@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_input, check_positive, check_variant, parameter_dtype
+from attnzoo._checks import check_input, check_pair, check_positive, check_variant, parameter_dtype
 from attnzoo._tracing import is_eager
 from attnzoo.functional.global_reasoning import covers_map, point_wise_attention_, point_wise_logits
 from attnzoo.functional.softmax import masked_softmax, softmax_
@@ -170,9 +170,7 @@ class PointwiseSpatialAttention(nn.Module):
             shrink_factor=shrink_factor,
         )
         check_variant(variant)
-        size = (mask_size, mask_size) if isinstance(mask_size, int) else tuple(mask_size)
-        if len(size) != 2 or any(int(m) < 1 for m in size):
-            raise ValueError(f"mask_size: expected one or two positive sizes, got {mask_size!r}")
+        size = check_pair("mask_size", mask_size, "(mask_h, mask_w)")
         if branches not in ("both", "collect", "distribute"):
             raise ValueError(f"branches: expected 'both', 'collect' or 'distribute', got {branches!r}")
         self.channels = channels

@@ -189,6 +189,7 @@ class SANAttention(nn.Module):
             raise ValueError(
                 f"share_channels: expected a divisor of out_channels={out_channels}, got {share_channels}"
             )
+        check_positive(rel_channels=rel_channels)  # by its name here (reduced_width calls it rd_channels)
         rel = reduced_width(channels, 1 / 16, rel_channels)
         self.channels, self.out_channels, self.stride = channels, out_channels, stride
         self.mode, self.kernel_size = mode, kernel_size
