@@ -1323,11 +1323,10 @@ _AOT_TOO_SLOW = {"dgmn", "local_relation", "san", "sasa"}
 def test_compiled_training_step_is_the_eager_one(spec: ModuleSpec) -> None:
     """A training step of the compiled module (``fullgraph=True``, a dynamic batch, aot_eager:
     dynamo's graph and AOTAutograd's backward; ``_AOT_TOO_SLOW``: dynamo's graph and autograd)
-    gives eager's output and gradients, of every
-    parameter and floating input, at two batch sizes. The eager-only paths (hand-written
-    backwards, in-place buffers) give way to plain operators inside the graph; this checks that
-    both compute the same, in training mode, where the inference compile property above does
-    not look."""
+    gives eager's output and gradients, of every parameter and floating input, at two batch
+    sizes. The eager-only paths (hand-written backwards, in-place buffers) give way to plain
+    operators inside the graph; this checks that both compute the same, in training mode, where
+    the inference compile property above does not look."""
     case = Case(spec, spec.all_samples()[0])
     module, _, _ = case.build()
     module.train()
